@@ -1,0 +1,1006 @@
+//! The check file: its schema, defaults, validation and secrets, in one place.
+//!
+//! Loading reports every problem at once, each as `file:line:col: field: message`,
+//! because on migration night nobody wants to fix a config one error per restart.
+//! Secrets are read from environment variables or files at load time and live
+//! only inside [`Secret`], which never prints its value.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use regex::Regex;
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use schemars::JsonSchema;
+use serde::de::{self, DeserializeOwned};
+use serde::{Deserialize, Deserializer};
+use serde_yaml::{Mapping, Value};
+
+use crate::probe;
+
+/// Default time between two runs of one check instance.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+/// Default deadline for one run.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// Schema: what a user writes.
+// ---------------------------------------------------------------------------
+
+/// Values every check inherits unless it sets its own.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsSpec {
+    /// Time between runs of each check instance, e.g. `30s`.
+    pub interval: Option<Dur>,
+    /// Deadline for one run; must be below the interval.
+    pub timeout: Option<Dur>,
+    /// PEM file of extra CAs trusted besides the system roots (relative paths are
+    /// relative to the check file).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// An environment: either pinned to addresses, or `live` through a resolver.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentSpec {
+    /// The environment's IPv4/IPv6 addresses; each is probed and labelled.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    /// For a live environment: the resolver to ask at probe time, `system` or
+    /// `IP[:port]`. Mutually exclusive with `addresses`.
+    pub resolver: Option<ResolverAddr>,
+}
+
+/// A credential referenced by checks by name. The password comes only from an
+/// environment variable or a file, never from the check file itself.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSpec {
+    /// Login name.
+    pub username: String,
+    /// Environment variable holding the password.
+    pub password_env: Option<String>,
+    /// File holding the password (trailing newline ignored).
+    pub password_file: Option<PathBuf>,
+}
+
+/// Fields every check has, whatever its kind.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommonSpec {
+    /// Unique name; the `check` label.
+    pub name: String,
+    /// Environments to run in; all of them when omitted.
+    #[serde(default)]
+    pub envs: Vec<String>,
+    /// Overrides `defaults.interval`.
+    pub interval: Option<Dur>,
+    /// Overrides `defaults.timeout`.
+    pub timeout: Option<Dur>,
+    /// Overrides `defaults.ca_file`.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The protocol-specific part of a check, selected by its `kind` field.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum KindSpec {
+    /// An HTTP(S) request, e.g. the webmail page.
+    Http(HttpSpec),
+    /// A TCP connection, optionally with implicit TLS and a banner check.
+    Tcp(TcpSpec),
+}
+
+impl KindSpec {
+    /// The `kind` label value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            KindSpec::Http(_) => "http",
+            KindSpec::Tcp(_) => "tcp",
+        }
+    }
+}
+
+/// `kind: http`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSpec {
+    /// The URL with the production hostname, e.g. `https://webmail.example.test/`.
+    pub url: String,
+    /// Request method; `GET` when omitted.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Redirects to follow before giving up; 5 when omitted, 0 disables.
+    #[serde(default = "default_redirects")]
+    pub max_redirects: u32,
+    /// What the response must look like.
+    #[serde(default)]
+    pub expect: HttpExpect,
+}
+
+/// Expectations on an HTTP response.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpExpect {
+    /// Accepted status codes; any 2xx when empty.
+    #[serde(default)]
+    pub status: Vec<u16>,
+    /// A substring the body must contain.
+    pub body_contains: Option<String>,
+    /// A regular expression the body must match.
+    pub body_regex: Option<Pattern>,
+    /// Response headers (case-insensitive names) whose value must match.
+    #[serde(default)]
+    pub headers: BTreeMap<String, Pattern>,
+}
+
+/// `kind: tcp`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TcpSpec {
+    /// Production hostname (resolved by `live`, used for TLS).
+    pub host: String,
+    /// Port to connect to.
+    pub port: u16,
+    /// Wrap the connection in TLS right away (implicit TLS, e.g. 993/465).
+    #[serde(default)]
+    pub tls: bool,
+    /// A regular expression the first line the server sends must match.
+    pub expect_banner: Option<Pattern>,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+
+fn default_redirects() -> u32 {
+    5
+}
+
+/// Where a live environment resolves names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolverAddr {
+    /// The operating system's resolver, as ordinary clients use it.
+    System,
+    /// A specific DNS server, asked directly.
+    Server(SocketAddr),
+}
+
+impl<'de> Deserialize<'de> for ResolverAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "system" {
+            return Ok(ResolverAddr::System);
+        }
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(ResolverAddr::Server(addr));
+        }
+        text.parse::<IpAddr>()
+            .map(|ip| ResolverAddr::Server(SocketAddr::new(ip, 53)))
+            .map_err(|_| de::Error::custom(format!("expected `system`, `IP` or `IP:port`, got `{text}`")))
+    }
+}
+
+impl JsonSchema for ResolverAddr {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ResolverAddr".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "description": "`system`, `IP` or `IP:port`"})
+    }
+}
+
+/// A duration written as `30s`, `2m` or `1h30m`; bare numbers are refused
+/// because their unit would be a guess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration like `30s`")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Dur, E> {
+                humantime::parse_duration(s)
+                    .map(Dur)
+                    .map_err(|e| E::custom(format!("expected a duration like `30s`, got `{s}` ({e})")))
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Dur, E> {
+                Err(E::custom(format!("expected a duration like `30s`, got `{n}`")))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
+                Err(E::custom(format!("expected a duration like `30s`, got `{n}`")))
+            }
+            fn visit_f64<E: de::Error>(self, n: f64) -> Result<Dur, E> {
+                Err(E::custom(format!("expected a duration like `30s`, got `{n}`")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl JsonSchema for Dur {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "pattern": "^([0-9]+(ns|us|ms|s|m|h|d) *)+$", "examples": ["30s", "2m"]})
+    }
+}
+
+/// A regular expression, compiled while the config loads so a typo is a
+/// config error with a position, not a probe failure at 3 a.m.
+#[derive(Debug, Clone)]
+pub struct Pattern(pub Regex);
+
+impl<'de> Deserialize<'de> for Pattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Regex::new(&text)
+            .map(Pattern)
+            .map_err(|e| de::Error::custom(format!("invalid regular expression: {e}")))
+    }
+}
+
+impl JsonSchema for Pattern {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Regex".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "format": "regex"})
+    }
+}
+
+/// The whole check file, for the published JSON Schema only (loading walks the
+/// sections one by one to collect every error).
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+struct FileSchema {
+    defaults: Option<DefaultsSpec>,
+    environments: BTreeMap<String, EnvironmentSpec>,
+    credentials: Option<BTreeMap<String, CredentialSpec>>,
+    checks: Vec<CheckSchema>,
+}
+
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+struct CheckSchema {
+    #[serde(flatten)]
+    common: CommonSpec,
+    #[serde(flatten)]
+    kind: KindSpec,
+}
+
+/// The JSON Schema of the check file, for editors (`cutover-monitor schema`).
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(FileSchema)).expect("schema serializes")
+}
+
+// ---------------------------------------------------------------------------
+// Validated configuration: what the daemon runs.
+// ---------------------------------------------------------------------------
+
+/// A password or token. Its value is reachable only through [`Secret::expose`];
+/// `Debug` prints a placeholder so it cannot leak through logging.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value, for handing to a protocol library. Never format it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A resolved credential.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    /// Login name.
+    pub username: String,
+    /// The password, loaded from its variable or file.
+    pub password: Secret,
+}
+
+/// Named credentials, shared by the checks that refer to them.
+pub type Credentials = BTreeMap<String, Arc<Credential>>;
+
+/// How an environment is reached.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EnvKind {
+    /// Always these addresses, whatever DNS says: old and new before the switch.
+    Pinned(Vec<IpAddr>),
+    /// Whatever the resolver hands out at probe time, as users see it.
+    Live(ResolverAddr),
+}
+
+/// A named environment (`old`, `new`, `live`, or any name).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Environment {
+    /// The `env` label value.
+    pub name: String,
+    /// Pinned or live.
+    pub kind: EnvKind,
+}
+
+/// A validated check.
+#[derive(Debug)]
+pub struct Check {
+    /// The `check` label value.
+    pub name: String,
+    /// Environments it runs in.
+    pub envs: Vec<Arc<Environment>>,
+    /// Time between runs.
+    pub interval: Duration,
+    /// Deadline for one run.
+    pub timeout: Duration,
+    /// System roots plus the configured CA file.
+    pub roots: Arc<RootCertStore>,
+    /// The protocol-specific spec.
+    pub kind: KindSpec,
+}
+
+/// A check with its built probe.
+#[derive(Clone)]
+pub struct LoadedCheck {
+    /// The validated check.
+    pub check: Arc<Check>,
+    /// Its probe.
+    pub probe: Arc<dyn probe::Probe>,
+}
+
+/// The validated configuration the daemon runs.
+#[derive(Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Environments in file order.
+    pub environments: Vec<Arc<Environment>>,
+    /// Checks in file order.
+    pub checks: Vec<LoadedCheck>,
+}
+
+impl Config {
+    /// The pinned environment an address belongs to, for labelling `live` answers.
+    pub fn env_of(&self, ip: IpAddr) -> Option<&str> {
+        self.environments.iter().find_map(|e| match &e.kind {
+            EnvKind::Pinned(addrs) if addrs.contains(&ip) => Some(e.name.as_str()),
+            _ => None,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Errors with positions.
+// ---------------------------------------------------------------------------
+
+/// One problem in a check file, with where it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// The check file.
+    pub file: PathBuf,
+    /// 1-based line, 0 when the problem is not at a place in the file.
+    pub line: usize,
+    /// 1-based column.
+    pub col: usize,
+    /// The field path, e.g. `checks[2].timeout`.
+    pub field: String,
+    /// What is wrong and what is expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.col)?;
+        if !self.field.is_empty() {
+            write!(f, "field `{}`: ", self.field)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Every problem found in a check file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Field path -> position of its key (or, for sequence items, the item).
+struct Positions(HashMap<String, (usize, usize)>);
+
+impl Positions {
+    fn index(text: &str) -> Positions {
+        let mut indexer = Indexer::default();
+        // Syntax errors are reported by serde_yaml with their own position.
+        let _ = yaml_rust2::parser::Parser::new_from_str(text).load(&mut indexer, false);
+        Positions(indexer.positions)
+    }
+
+    /// The position of `field`, or of its nearest ancestor that has one.
+    fn find(&self, field: &str) -> (usize, usize) {
+        let mut path = field;
+        loop {
+            if let Some(pos) = self.0.get(path) {
+                return *pos;
+            }
+            match path.rfind(['.', '[']) {
+                Some(cut) => path = &path[..cut],
+                None => return self.0.get("").copied().unwrap_or((1, 1)),
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Indexer {
+    stack: Vec<Frame>,
+    positions: HashMap<String, (usize, usize)>,
+}
+
+enum Frame {
+    Map { path: String, key: Option<String> },
+    Seq { path: String, next: usize },
+}
+
+impl Indexer {
+    /// Called for every node; returns its path when it is a value (not a key).
+    fn node(&mut self, scalar: Option<&str>, mark: yaml_rust2::scanner::Marker) -> Option<String> {
+        let pos = (mark.line(), mark.col() + 1);
+        match self.stack.last_mut() {
+            None => {
+                self.positions.insert(String::new(), pos);
+                Some(String::new())
+            }
+            Some(Frame::Map { path, key }) => match key.take() {
+                None => {
+                    let name = scalar.unwrap_or("?").to_string();
+                    let full = if path.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{path}.{name}")
+                    };
+                    self.positions.insert(full, pos);
+                    *key = Some(name);
+                    None
+                }
+                Some(name) => Some(if path.is_empty() {
+                    name
+                } else {
+                    format!("{path}.{name}")
+                }),
+            },
+            Some(Frame::Seq { path, next }) => {
+                let full = format!("{path}[{next}]");
+                *next += 1;
+                self.positions.insert(full.clone(), pos);
+                Some(full)
+            }
+        }
+    }
+}
+
+impl yaml_rust2::parser::MarkedEventReceiver for Indexer {
+    fn on_event(&mut self, ev: yaml_rust2::parser::Event, mark: yaml_rust2::scanner::Marker) {
+        use yaml_rust2::parser::Event;
+        match ev {
+            Event::Scalar(ref s, ..) => {
+                self.node(Some(s), mark);
+            }
+            Event::Alias(_) => {
+                self.node(None, mark);
+            }
+            Event::MappingStart(..) => {
+                let path = self.node(None, mark).unwrap_or_default();
+                self.stack.push(Frame::Map { path, key: None });
+            }
+            Event::SequenceStart(..) => {
+                let path = self.node(None, mark).unwrap_or_default();
+                self.stack.push(Frame::Seq { path, next: 0 });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Collects errors while loading.
+struct Loader<'a> {
+    file: &'a Path,
+    positions: Positions,
+    errors: Vec<ConfigError>,
+}
+
+impl Loader<'_> {
+    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let field = field.into();
+        let (line, col) = self.positions.find(&field);
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            line,
+            col,
+            field,
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one section, recording an error with its field path.
+    fn parse<T: DeserializeOwned>(&mut self, value: Value, at: &str) -> Option<T> {
+        match serde_path_to_error::deserialize(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let mut sub = e.path().to_string();
+                let message = e.into_inner().to_string();
+                // Internally tagged enums lose the unknown key from the path.
+                if let Some(key) = message
+                    .strip_prefix("unknown field `")
+                    .and_then(|m| m.split('`').next())
+                {
+                    if !sub.ends_with(key) {
+                        sub = if sub == "." {
+                            key.to_string()
+                        } else {
+                            format!("{sub}.{key}")
+                        };
+                    }
+                }
+                let field = match sub.as_str() {
+                    "." | "?" => at.to_string(),
+                    s if at.is_empty() => s.to_string(),
+                    s if s.starts_with('[') => format!("{at}{s}"),
+                    s => format!("{at}.{s}"),
+                };
+                self.error(field, message);
+                None
+            }
+        }
+    }
+
+    fn relative(&self, path: &Path) -> PathBuf {
+        match self.file.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_owned(),
+        }
+    }
+
+    fn roots(
+        &mut self,
+        ca_file: Option<&Path>,
+        field: &str,
+        cache: &mut HashMap<PathBuf, Arc<RootCertStore>>,
+    ) -> Arc<RootCertStore> {
+        let key = ca_file.map(|p| self.relative(p)).unwrap_or_default();
+        if let Some(store) = cache.get(&key) {
+            return store.clone();
+        }
+        let mut store = RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = store.add(cert);
+        }
+        if ca_file.is_some() {
+            match CertificateDer::pem_file_iter(&key).and_then(|it| it.collect::<Result<Vec<_>, _>>()) {
+                Ok(certs) if certs.is_empty() => {
+                    self.error(field, format!("{}: no PEM certificate in file", key.display()))
+                }
+                Ok(certs) => {
+                    for cert in certs {
+                        if let Err(e) = store.add(cert) {
+                            self.error(field, format!("{}: {e}", key.display()));
+                        }
+                    }
+                }
+                Err(e) => self.error(field, format!("{}: {e}", key.display())),
+            }
+        }
+        let store = Arc::new(store);
+        cache.insert(key, store.clone());
+        store
+    }
+}
+
+/// Reads and validates a check file, reporting every problem at once.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            col: 0,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    parse(path, &text)
+}
+
+/// Validates check-file text; `path` is used in messages and for relative paths.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let mut l = Loader {
+        file: path,
+        positions: Positions::index(text),
+        errors: Vec::new(),
+    };
+    let root: Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let (line, col) = e.location().map(|p| (p.line(), p.column())).unwrap_or((0, 0));
+            return Err(ConfigErrors(vec![ConfigError {
+                file: path.to_owned(),
+                line,
+                col,
+                field: String::new(),
+                message: e.to_string(),
+            }]));
+        }
+    };
+    let Value::Mapping(mut root) = root else {
+        l.error("", "expected a mapping with `environments` and `checks`");
+        return Err(ConfigErrors(l.errors));
+    };
+    for key in root.keys() {
+        match key.as_str() {
+            Some("defaults" | "environments" | "credentials" | "checks") => {}
+            other => l.error(
+                other.unwrap_or("?"),
+                format!(
+                    "unknown section `{}`, expected one of `defaults`, `environments`, `credentials`, `checks`",
+                    other.unwrap_or("?")
+                ),
+            ),
+        }
+    }
+    let defaults: DefaultsSpec = match root.remove("defaults") {
+        Some(v) => l.parse(v, "defaults").unwrap_or_default(),
+        None => DefaultsSpec::default(),
+    };
+    let environments = load_environments(&mut l, root.remove("environments"));
+    let credentials = load_credentials(&mut l, root.remove("credentials"));
+    let checks = load_checks(&mut l, root.remove("checks"), &defaults, &environments, &credentials);
+    if l.errors.is_empty() {
+        Ok(Config {
+            path: path.to_owned(),
+            environments,
+            checks,
+        })
+    } else {
+        Err(ConfigErrors(l.errors))
+    }
+}
+
+fn entries(l: &mut Loader, value: Option<Value>, section: &str) -> Vec<(String, Value)> {
+    match value {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Mapping(m)) => m
+            .into_iter()
+            .filter_map(|(k, v)| match k {
+                Value::String(k) => Some((k, v)),
+                other => {
+                    l.error(section, format!("names must be strings, got {other:?}"));
+                    None
+                }
+            })
+            .collect(),
+        Some(_) => {
+            l.error(section, "expected a mapping of names to definitions");
+            Vec::new()
+        }
+    }
+}
+
+fn load_environments(l: &mut Loader, value: Option<Value>) -> Vec<Arc<Environment>> {
+    if value.is_none() {
+        l.error("", "missing section `environments`");
+    }
+    let mut out = Vec::new();
+    for (name, v) in entries(l, value, "environments") {
+        let at = format!("environments.{name}");
+        let Some(spec) = l.parse::<EnvironmentSpec>(v, &at) else {
+            continue;
+        };
+        let kind = match (spec.addresses.is_empty(), spec.resolver) {
+            (false, None) => EnvKind::Pinned(spec.addresses),
+            (true, Some(r)) => EnvKind::Live(r),
+            (false, Some(_)) => {
+                l.error(&at, "set either `addresses` (pinned) or `resolver` (live), not both");
+                continue;
+            }
+            (true, None) => {
+                l.error(
+                    &at,
+                    "set `addresses` (pinned environment) or `resolver` (live environment, e.g. `system`)",
+                );
+                continue;
+            }
+        };
+        out.push(Arc::new(Environment { name, kind }));
+    }
+    out
+}
+
+fn load_credentials(l: &mut Loader, value: Option<Value>) -> Credentials {
+    let mut out = Credentials::new();
+    for (name, v) in entries(l, value, "credentials") {
+        let at = format!("credentials.{name}");
+        if let Value::Mapping(m) = &v {
+            if m.contains_key("password") {
+                l.error(
+                    format!("{at}.password"),
+                    "inline passwords are not allowed: put the password in an environment variable (`password_env`) or a file (`password_file`)",
+                );
+                continue;
+            }
+        }
+        let Some(spec) = l.parse::<CredentialSpec>(v, &at) else {
+            continue;
+        };
+        let password = match (&spec.password_env, &spec.password_file) {
+            (Some(var), None) => match std::env::var(var) {
+                Ok(p) if !p.is_empty() => p,
+                _ => {
+                    l.error(
+                        format!("{at}.password_env"),
+                        format!("credential `{name}`: environment variable `{var}` is not set or empty"),
+                    );
+                    continue;
+                }
+            },
+            (None, Some(file)) => {
+                let file = l.relative(file);
+                match std::fs::read_to_string(&file) {
+                    Ok(p) => p.trim_end_matches(['\r', '\n']).to_string(),
+                    Err(e) => {
+                        l.error(
+                            format!("{at}.password_file"),
+                            format!("credential `{name}`: cannot read {}: {}", file.display(), e.kind()),
+                        );
+                        continue;
+                    }
+                }
+            }
+            _ => {
+                l.error(
+                    &at,
+                    format!("credential `{name}`: set exactly one of `password_env` or `password_file`"),
+                );
+                continue;
+            }
+        };
+        out.insert(
+            name,
+            Arc::new(Credential {
+                username: spec.username,
+                password: Secret(password),
+            }),
+        );
+    }
+    out
+}
+
+fn load_checks(
+    l: &mut Loader,
+    value: Option<Value>,
+    defaults: &DefaultsSpec,
+    environments: &[Arc<Environment>],
+    credentials: &Credentials,
+) -> Vec<LoadedCheck> {
+    let items = match value {
+        Some(Value::Sequence(items)) => items,
+        None => {
+            l.error("", "missing section `checks`");
+            return Vec::new();
+        }
+        Some(_) => {
+            l.error("checks", "expected a list of checks");
+            return Vec::new();
+        }
+    };
+    let mut roots_cache = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let at = format!("checks[{i}]");
+        let Value::Mapping(mut map) = item else {
+            l.error(&at, "expected a mapping with `name` and `kind`");
+            continue;
+        };
+        // Split the common fields from the kind's own, so both sides can
+        // refuse unknown fields.
+        let mut common = Mapping::new();
+        for key in ["name", "envs", "interval", "timeout", "ca_file"] {
+            if let Some(v) = map.remove(key) {
+                common.insert(key.into(), v);
+            }
+        }
+        let kind_name = map.get("kind").and_then(Value::as_str).map(str::to_owned);
+        let Some(common) = l.parse::<CommonSpec>(Value::Mapping(common), &at) else {
+            continue;
+        };
+        if kind_name.is_none() {
+            l.error(format!("{at}.kind"), "missing field `kind` (one of `http`, `tcp`)");
+            continue;
+        }
+        let Some(kind) = l.parse::<KindSpec>(Value::Mapping(map), &at) else {
+            continue;
+        };
+        if !seen.insert(common.name.clone()) {
+            l.error(format!("{at}.name"), format!("duplicate check name `{}`", common.name));
+        }
+        let interval = common.interval.or(defaults.interval).map_or(DEFAULT_INTERVAL, |d| d.0);
+        let timeout = common.timeout.or(defaults.timeout).map_or(DEFAULT_TIMEOUT, |d| d.0);
+        if interval.is_zero() {
+            l.error(format!("{at}.interval"), "must be above 0s");
+        }
+        if timeout >= interval {
+            let field = if common.timeout.is_some() {
+                "timeout"
+            } else {
+                "interval"
+            };
+            l.error(
+                format!("{at}.{field}"),
+                format!(
+                    "timeout ({}) must be below the interval ({})",
+                    humantime::format_duration(timeout),
+                    humantime::format_duration(interval)
+                ),
+            );
+        }
+        let envs = if common.envs.is_empty() {
+            environments.to_vec()
+        } else {
+            let mut envs = Vec::new();
+            for (j, name) in common.envs.iter().enumerate() {
+                match environments.iter().find(|e| &e.name == name) {
+                    Some(e) => envs.push(e.clone()),
+                    None => l.error(format!("{at}.envs[{j}]"), format!("unknown environment `{name}`")),
+                }
+            }
+            envs
+        };
+        let (ca_file, ca_field) = match (&common.ca_file, &defaults.ca_file) {
+            (Some(f), _) => (Some(f.as_path()), format!("{at}.ca_file")),
+            (None, Some(f)) => (Some(f.as_path()), "defaults.ca_file".to_string()),
+            (None, None) => (None, String::new()),
+        };
+        let roots = l.roots(ca_file, &ca_field, &mut roots_cache);
+        let check = Arc::new(Check {
+            name: common.name,
+            envs,
+            interval,
+            timeout,
+            roots,
+            kind,
+        });
+        match probe::build(&check, credentials) {
+            Ok(probe) => out.push(LoadedCheck { check, probe }),
+            Err(e) => l.error(format!("{at}.{}", e.field), e.message),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse(Path::new("c.yaml"), text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    const ENVS: &str = "environments:\n  old: {addresses: [127.0.0.10]}\n  live: {resolver: system}\n";
+
+    #[test]
+    fn a_bare_number_is_not_a_duration() {
+        let text =
+            format!("{ENVS}checks:\n  - name: w\n    kind: tcp\n    host: a.test\n    port: 1\n    interval: 30\n");
+        assert_eq!(
+            errors(&text),
+            vec!["c.yaml:9:5: field `checks[0].interval`: expected a duration like `30s`, got `30`"]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_position() {
+        let text = format!(
+            "{ENVS}checks:\n  - name: a\n    kind: tcp\n    host: a.test\n    port: 1\n    timeout: 40s\n  - name: a\n    kind: tcp\n    hots: b.test\n  - name: c\n    kind: http\n    url: https://c.test/\n    envs: [nope]\n"
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 3, "{errs:#?}");
+        assert_eq!(
+            errs[0],
+            "c.yaml:9:5: field `checks[0].timeout`: timeout (40s) must be below the interval (30s)"
+        );
+        assert!(
+            errs[1].starts_with("c.yaml:12:5: field `checks[1].hots`: unknown field `hots`"),
+            "{}",
+            errs[1]
+        );
+        assert_eq!(
+            errs[2],
+            "c.yaml:16:12: field `checks[2].envs[0]`: unknown environment `nope`"
+        );
+    }
+
+    #[test]
+    fn duplicate_names_and_inline_passwords_are_refused() {
+        let text = format!(
+            "{ENVS}credentials:\n  probe:\n    username: u\n    password: hunter2\nchecks:\n  - {{name: a, kind: tcp, host: a.test, port: 1}}\n  - {{name: a, kind: tcp, host: a.test, port: 2}}\n"
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(
+            errs[0].starts_with("c.yaml:7:5: field `credentials.probe.password`: inline passwords are not allowed")
+        );
+        assert!(!errs[0].contains("hunter2"));
+        assert_eq!(errs[1], "c.yaml:10:6: field `checks[1].name`: duplicate check name `a`");
+    }
+
+    #[test]
+    fn a_missing_secret_names_the_credential_not_a_value() {
+        let text = format!(
+            "{ENVS}credentials:\n  probe:\n    username: u\n    password_env: CUTOVER_TEST_UNSET_VARIABLE\nchecks: []\n"
+        );
+        assert_eq!(
+            errors(&text),
+            vec![
+                "c.yaml:7:5: field `credentials.probe.password_env`: credential `probe`: environment variable `CUTOVER_TEST_UNSET_VARIABLE` is not set or empty"
+            ]
+        );
+    }
+
+    #[test]
+    fn envs_default_to_all_and_timeouts_inherit() {
+        let text = format!(
+            "{ENVS}defaults: {{interval: 5s, timeout: 2s}}\nchecks:\n  - {{name: a, kind: tcp, host: a.test, port: 1}}\n"
+        );
+        let config = parse(Path::new("c.yaml"), &text).unwrap();
+        let check = &config.checks[0].check;
+        assert_eq!(
+            check.envs.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            ["old", "live"]
+        );
+        assert_eq!(
+            (check.interval, check.timeout),
+            (Duration::from_secs(5), Duration::from_secs(2))
+        );
+        assert_eq!(config.env_of("127.0.0.10".parse().unwrap()), Some("old"));
+        assert_eq!(config.env_of("127.0.0.20".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn secret_debug_hides_the_value() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(<redacted>)");
+    }
+}

@@ -1,0 +1,27 @@
+//! cutover-monitor watches a mail service's old and new environments side by
+//! side while it moves, plus a `live` view that follows DNS, and exports what it
+//! sees as Prometheus metrics.
+//!
+//! Layout: [`config`] (schema, validation, secrets), [`scheduler`] (when probes
+//! run), [`probe`] (what one probe does, one file per protocol), [`resolve`]
+//! (asking DNS servers directly), [`metrics`] (every metric name), [`server`]
+//! (the HTTP surface), [`daemon`] (wiring for `run`), [`report`] (the `check`
+//! command's output), [`shutdown`] (signals).
+
+pub mod config;
+pub mod daemon;
+pub mod metrics;
+pub mod probe;
+pub mod report;
+pub mod resolve;
+pub mod scheduler;
+pub mod server;
+pub mod shutdown;
+
+/// Seconds since the Unix epoch, as Prometheus timestamps want them.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}

@@ -1,0 +1,459 @@
+//! Every `cutover_*` metric: name, help, unit and labels, declared here and
+//! nowhere else, so names stay consistent and reviewable in one screen.
+//!
+//! Probes never touch metrics: they return an [`Outcome`], and [`Metrics::record`]
+//! turns it into series. The same code renders the daemon's scrape and the
+//! one-shot `/probe` endpoint (a fresh [`Metrics`] per request), and removes the
+//! series of an instance that a reload dropped, so nothing goes stale.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use prometheus::{Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+
+use crate::probe::Outcome;
+
+/// Name and help of every metric, in the order the README documents them.
+pub const CATALOG: &[(&str, &str)] = &[
+    (
+        "cutover_probe_success",
+        "Whether the last run of a check instance succeeded (1) or failed (0).",
+    ),
+    (
+        "cutover_probe_duration_seconds",
+        "Duration of probe runs, including resolution, until success, failure or timeout.",
+    ),
+    (
+        "cutover_probe_phase_duration_seconds",
+        "Duration of each phase of the last run (resolve, connect, tls and protocol steps).",
+    ),
+    (
+        "cutover_probe_last_run_timestamp_seconds",
+        "Unix time at which the last run of a check instance started.",
+    ),
+    ("cutover_probe_runs_total", "Probe runs of a check instance."),
+    (
+        "cutover_probe_failures_total",
+        "Failed probe runs of a check instance, by reason.",
+    ),
+    (
+        "cutover_tls_cert_not_after_timestamp_seconds",
+        "Unix time at which the certificate presented in the last run expires.",
+    ),
+    (
+        "cutover_tls_cert_info",
+        "Facts of the certificate presented in the last run: issuer, SHA-256 fingerprint and whether it covers the hostname.",
+    ),
+    (
+        "cutover_live_resolved_env_info",
+        "Which environment the address that a live environment resolved to belongs to (`unknown` when none).",
+    ),
+    (
+        "cutover_imap_mailbox_messages",
+        "Messages in a mailbox as reported by SELECT/EXAMINE in the last run.",
+    ),
+    (
+        "cutover_smtp_last_reply_code",
+        "The last SMTP reply code seen at each step of the last run.",
+    ),
+    (
+        "cutover_check_instances",
+        "Check instances (check x environment x address) currently scheduled.",
+    ),
+    (
+        "cutover_config_last_reload_successful",
+        "Whether the last configuration (re)load succeeded.",
+    ),
+    (
+        "cutover_config_last_reload_success_timestamp_seconds",
+        "Unix time of the last successful configuration load.",
+    ),
+    ("cutover_build_info", "Build information; always 1."),
+];
+
+/// Labels that identify one scheduled check instance.
+pub const INSTANCE_LABELS: [&str; 4] = ["check", "kind", "env", "address"];
+
+/// A protocol-specific measurement a probe returns on its [`Outcome`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Extra {
+    /// `cutover_imap_mailbox_messages`.
+    ImapMailboxMessages {
+        /// The selected mailbox.
+        mailbox: String,
+        /// Its message count.
+        messages: u64,
+    },
+    /// `cutover_smtp_last_reply_code`.
+    SmtpLastReplyCode {
+        /// The SMTP step (banner, ehlo, auth, ...).
+        step: &'static str,
+        /// The reply code.
+        code: u16,
+    },
+}
+
+/// One check instance's label values.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Instance {
+    /// Check name.
+    pub check: String,
+    /// Probe kind.
+    pub kind: &'static str,
+    /// Environment name.
+    pub env: String,
+    /// The pinned address, or `resolved` for live environments.
+    pub address: String,
+}
+
+impl Instance {
+    fn values(&self) -> [&str; 4] {
+        [&self.check, self.kind, &self.env, &self.address]
+    }
+
+    fn with<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = self.values().to_vec();
+        v.extend_from_slice(extra);
+        v
+    }
+}
+
+/// Label sets set for an instance beyond its base labels, so that a later run
+/// or a reload can remove exactly those.
+#[derive(Default)]
+struct Touched {
+    phases: Vec<&'static str>,
+    reasons: Vec<&'static str>,
+    cert: Option<[String; 3]>,
+    extras: Vec<Extra>,
+    resolved: Option<[String; 2]>,
+}
+
+/// The registry and every metric family.
+pub struct Metrics {
+    registry: Registry,
+    success: GaugeVec,
+    duration: HistogramVec,
+    phase: GaugeVec,
+    last_run: GaugeVec,
+    runs: IntCounterVec,
+    failures: IntCounterVec,
+    cert_not_after: GaugeVec,
+    cert_info: GaugeVec,
+    live_env: GaugeVec,
+    imap_messages: GaugeVec,
+    smtp_code: GaugeVec,
+    instances: Gauge,
+    reload_ok: Gauge,
+    reload_ts: Gauge,
+    touched: Mutex<HashMap<Instance, Touched>>,
+}
+
+fn opts(name: &str) -> Opts {
+    let help = CATALOG
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, h)| *h)
+        .unwrap_or_else(|| panic!("metric {name} missing from CATALOG"));
+    Opts::new(name, help)
+}
+
+impl Metrics {
+    /// Creates every family in a new registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let gauge = |name: &str, labels: &[&str]| {
+            let g = GaugeVec::new(opts(name), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let counter = |name: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(opts(name), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let single = |name: &str| {
+            let g = Gauge::with_opts(opts(name)).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let with = |extra: &[&'static str]| -> Vec<&'static str> {
+            let mut v = INSTANCE_LABELS.to_vec();
+            v.extend_from_slice(extra);
+            v
+        };
+        let duration = HistogramVec::new(
+            HistogramOpts::from(opts("cutover_probe_duration_seconds")).buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &INSTANCE_LABELS,
+        )
+        .expect("valid metric");
+        registry.register(Box::new(duration.clone())).expect("unique metric");
+        let build = gauge("cutover_build_info", &["version"]);
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
+        Metrics {
+            success: gauge("cutover_probe_success", &INSTANCE_LABELS),
+            duration,
+            phase: gauge("cutover_probe_phase_duration_seconds", &with(&["phase"])),
+            last_run: gauge("cutover_probe_last_run_timestamp_seconds", &INSTANCE_LABELS),
+            runs: counter("cutover_probe_runs_total", &INSTANCE_LABELS),
+            failures: counter("cutover_probe_failures_total", &with(&["reason"])),
+            cert_not_after: gauge("cutover_tls_cert_not_after_timestamp_seconds", &INSTANCE_LABELS),
+            cert_info: gauge("cutover_tls_cert_info", &with(&["issuer", "sha256", "name_matched"])),
+            live_env: gauge(
+                "cutover_live_resolved_env_info",
+                &["check", "env", "resolved_env", "address"],
+            ),
+            imap_messages: gauge("cutover_imap_mailbox_messages", &with(&["mailbox"])),
+            smtp_code: gauge("cutover_smtp_last_reply_code", &with(&["step"])),
+            instances: single("cutover_check_instances"),
+            reload_ok: single("cutover_config_last_reload_successful"),
+            reload_ts: single("cutover_config_last_reload_success_timestamp_seconds"),
+            touched: Mutex::new(HashMap::new()),
+            registry,
+        }
+    }
+
+    /// Publishes one run's outcome for an instance.
+    pub fn record(&self, inst: &Instance, outcome: &Outcome) {
+        let base = inst.values();
+        self.success
+            .with_label_values(&base)
+            .set(if outcome.success() { 1.0 } else { 0.0 });
+        self.duration
+            .with_label_values(&base)
+            .observe(outcome.duration.as_secs_f64());
+        self.last_run.with_label_values(&base).set(outcome.started_at);
+        self.runs.with_label_values(&base).inc();
+
+        let mut touched = self.touched.lock().expect("metrics lock");
+        let t = touched.entry(inst.clone()).or_default();
+        if let Err(failure) = &outcome.result {
+            let reason = failure.reason.as_str();
+            self.failures.with_label_values(&inst.with(&[reason])).inc();
+            if !t.reasons.contains(&reason) {
+                t.reasons.push(reason);
+            }
+        }
+
+        for old in t.phases.drain(..) {
+            if !outcome.phases.iter().any(|(p, _)| *p == old) {
+                let _ = self.phase.remove_label_values(&inst.with(&[old]));
+            }
+        }
+        for (name, took) in &outcome.phases {
+            self.phase
+                .with_label_values(&inst.with(&[name]))
+                .set(took.as_secs_f64());
+            t.phases.push(name);
+        }
+
+        let cert = outcome
+            .cert
+            .as_ref()
+            .map(|c| [c.issuer.clone(), c.sha256.clone(), c.name_matched.to_string()]);
+        if t.cert != cert {
+            if let Some(old) = t.cert.take() {
+                let _ = self
+                    .cert_info
+                    .remove_label_values(&inst.with(&[&old[0], &old[1], &old[2]]));
+            }
+        }
+        match (&outcome.cert, &cert) {
+            (Some(facts), Some(labels)) => {
+                self.cert_not_after.with_label_values(&base).set(facts.not_after as f64);
+                self.cert_info
+                    .with_label_values(&inst.with(&[&labels[0], &labels[1], &labels[2]]))
+                    .set(1.0);
+            }
+            _ => {
+                let _ = self.cert_not_after.remove_label_values(&base);
+            }
+        }
+        t.cert = cert;
+
+        for old in std::mem::take(&mut t.extras) {
+            if !outcome.extras.contains(&old) {
+                self.remove_extra(inst, &old);
+            }
+        }
+        for extra in &outcome.extras {
+            match extra {
+                Extra::ImapMailboxMessages { mailbox, messages } => self
+                    .imap_messages
+                    .with_label_values(&inst.with(&[mailbox]))
+                    .set(*messages as f64),
+                Extra::SmtpLastReplyCode { step, code } => self
+                    .smtp_code
+                    .with_label_values(&inst.with(&[step]))
+                    .set(f64::from(*code)),
+            }
+            t.extras.push(extra.clone());
+        }
+
+        let resolved = outcome.resolved.as_ref().map(|(ip, env)| [env.clone(), ip.to_string()]);
+        if t.resolved != resolved {
+            if let Some([env, ip]) = t.resolved.take() {
+                let _ = self.live_env.remove_label_values(&[&inst.check, &inst.env, &env, &ip]);
+            }
+            if let Some([env, ip]) = &resolved {
+                self.live_env
+                    .with_label_values(&[&inst.check, &inst.env, env, ip])
+                    .set(1.0);
+            }
+            t.resolved = resolved;
+        }
+    }
+
+    fn remove_extra(&self, inst: &Instance, extra: &Extra) {
+        let _ = match extra {
+            Extra::ImapMailboxMessages { mailbox, .. } => {
+                self.imap_messages.remove_label_values(&inst.with(&[mailbox]))
+            }
+            Extra::SmtpLastReplyCode { step, .. } => self.smtp_code.remove_label_values(&inst.with(&[step])),
+        };
+    }
+
+    /// Removes every series of an instance that is no longer configured.
+    pub fn forget(&self, inst: &Instance) {
+        let base = inst.values();
+        let _ = self.success.remove_label_values(&base);
+        let _ = self.duration.remove_label_values(&base);
+        let _ = self.last_run.remove_label_values(&base);
+        let _ = self.runs.remove_label_values(&base);
+        let _ = self.cert_not_after.remove_label_values(&base);
+        let Some(t) = self.touched.lock().expect("metrics lock").remove(inst) else {
+            return;
+        };
+        for p in t.phases {
+            let _ = self.phase.remove_label_values(&inst.with(&[p]));
+        }
+        for r in t.reasons {
+            let _ = self.failures.remove_label_values(&inst.with(&[r]));
+        }
+        if let Some(c) = t.cert {
+            let _ = self.cert_info.remove_label_values(&inst.with(&[&c[0], &c[1], &c[2]]));
+        }
+        for e in &t.extras {
+            self.remove_extra(inst, e);
+        }
+        if let Some([env, ip]) = t.resolved {
+            let _ = self.live_env.remove_label_values(&[&inst.check, &inst.env, &env, &ip]);
+        }
+    }
+
+    /// Sets the number of scheduled instances.
+    pub fn set_instances(&self, n: usize) {
+        self.instances.set(n as f64);
+    }
+
+    /// Records the result of a configuration (re)load.
+    pub fn config_loaded(&self, ok: bool) {
+        self.reload_ok.set(if ok { 1.0 } else { 0.0 });
+        if ok {
+            self.reload_ts.set(crate::unix_now());
+        }
+    }
+
+    /// Adds the standard `process_*` metrics (CPU, memory, file descriptors)
+    /// to the daemon's registry.
+    pub fn with_process_metrics(self) -> Self {
+        let _ = self
+            .registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        self
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn encode(&self) -> String {
+        encode(&self.registry.gather())
+    }
+
+    /// Only the per-instance families, for `/probe`, whose answer describes
+    /// the probes it just ran and not the daemon.
+    pub fn encode_instances(&self) -> String {
+        let mut families = self.registry.gather();
+        families.retain(|f| {
+            f.get_metric()
+                .iter()
+                .any(|m| m.get_label().iter().any(|l| l.name() == "check"))
+        });
+        encode(&families)
+    }
+}
+
+fn encode(families: &[prometheus::proto::MetricFamily]) -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new().encode(families, &mut buf).expect("text encoding");
+    String::from_utf8(buf).expect("exposition is UTF-8")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probe::{CertFacts, Failure, FailureReason};
+    use std::time::Duration;
+
+    fn inst() -> Instance {
+        Instance {
+            check: "imap".into(),
+            kind: "tcp",
+            env: "new".into(),
+            address: "127.0.0.20".into(),
+        }
+    }
+
+    fn outcome(ok: bool, phases: &[&'static str]) -> Outcome {
+        Outcome {
+            result: if ok {
+                Ok(())
+            } else {
+                Err(Failure::new(FailureReason::Refused, "x"))
+            },
+            duration: Duration::from_millis(20),
+            phases: phases.iter().map(|p| (*p, Duration::from_millis(5))).collect(),
+            cert: ok.then(|| CertFacts {
+                not_after: 2_000_000_000,
+                name_matched: true,
+                issuer: "CN=Lab CA".into(),
+                sha256: "ab".into(),
+                dns_names: vec![],
+            }),
+            extras: vec![],
+            resolved: None,
+            started_at: 1.0,
+        }
+    }
+
+    #[test]
+    fn phases_and_certificates_of_a_failed_run_do_not_linger() {
+        let m = Metrics::new();
+        m.record(&inst(), &outcome(true, &["connect", "tls"]));
+        assert!(m.encode().contains("phase=\"tls\""));
+        assert!(m.encode().contains("cutover_tls_cert_not_after_timestamp_seconds{"));
+        m.record(&inst(), &outcome(false, &["connect"]));
+        let text = m.encode();
+        assert!(!text.contains("phase=\"tls\""), "{text}");
+        assert!(
+            !text.contains("cutover_tls_cert_not_after_timestamp_seconds{"),
+            "{text}"
+        );
+        assert!(text.contains("cutover_probe_failures_total{address=\"127.0.0.20\",check=\"imap\",env=\"new\",kind=\"tcp\",reason=\"refused\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn forget_removes_every_series_of_an_instance() {
+        let m = Metrics::new();
+        m.record(&inst(), &outcome(false, &["connect"]));
+        m.record(&inst(), &outcome(true, &["connect", "tls"]));
+        m.forget(&inst());
+        assert!(!m.encode().contains("127.0.0.20"), "{}", m.encode());
+    }
+}

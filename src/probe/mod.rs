@@ -1,0 +1,335 @@
+//! What one probe does, and the one contract every protocol follows.
+//!
+//! A probe gets an IP address to connect to (the environment's pinned address, or
+//! what `live` resolved) and keeps the production hostname for SNI, `Host` and
+//! certificate checks. It times its steps as phases on a [`Run`] and ends with
+//! `Ok(())` or a [`Failure`] whose [`FailureReason`] comes from a closed set, so
+//! dashboards and alerts can rely on the label values.
+//!
+//! Adding a protocol: one file here implementing [`Probe`], its spec in
+//! `config.rs`, and one arm in [`build`].
+
+pub mod http;
+pub mod tcp;
+pub mod tls;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+
+use crate::config::{Check, Credentials, KindSpec};
+use crate::metrics::Extra;
+
+/// One protocol's probe, built once per check from its validated spec.
+pub trait Probe: Send + Sync + 'static {
+    /// The production hostname: what `live` resolves, and the name TLS and HTTP
+    /// present everywhere, so pinned environments are tested as users see them.
+    fn hostname(&self) -> &str;
+
+    /// Probe `ip` once. Time each step with [`Run::phase`]; the scheduler adds
+    /// the overall timeout, so a probe never needs its own deadline.
+    fn run<'a>(&'a self, ip: IpAddr, run: &'a mut Run) -> BoxFuture<'a, Result<(), Failure>>;
+}
+
+/// Builds the probe for a check. Errors name the field (relative to the check)
+/// and are reported with the check's position by the config loader.
+pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>, FieldError> {
+    let _ = credentials;
+    Ok(match &check.kind {
+        KindSpec::Http(spec) => Arc::new(http::HttpProbe::new(spec, check)?),
+        KindSpec::Tcp(spec) => Arc::new(tcp::TcpProbe::new(spec, check)?),
+    })
+}
+
+/// A problem with one field of a check's spec, found while building its probe.
+#[derive(Debug, Clone)]
+pub struct FieldError {
+    /// Field path relative to the check, e.g. `url` or `expect.status`.
+    pub field: String,
+    /// What is wrong and what is expected instead.
+    pub message: String,
+}
+
+impl FieldError {
+    /// Shorthand used by probe constructors.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a probe failed. A closed set: each value is a metric label value and an
+/// alerting rule may match on it, so new reasons are added deliberately.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureReason {
+    /// The address actively refused the connection (nothing listening).
+    Refused,
+    /// The probe did not finish within the check's timeout.
+    Timeout,
+    /// The hostname could not be resolved (live environment).
+    Dns,
+    /// Other network errors: unreachable, reset, closed mid-conversation.
+    Network,
+    /// The TLS handshake failed for a reason other than the certificate.
+    TlsHandshake,
+    /// The certificate chain does not lead to a trusted CA.
+    CertUntrusted,
+    /// The certificate is expired or not yet valid.
+    CertExpired,
+    /// The certificate does not cover the production hostname.
+    CertNameMismatch,
+    /// An HTTP status outside the expected set.
+    UnexpectedStatus,
+    /// A body, banner or header did not match what the check expects.
+    ContentMismatch,
+    /// The server rejected the credentials.
+    AuthFailed,
+    /// The server's reply could not be understood.
+    Protocol,
+    /// A reply exceeded the size the probe is willing to read.
+    Oversize,
+    /// STARTTLS was required but not offered.
+    StarttlsMissing,
+    /// A mailbox that must exist does not.
+    MailboxMissing,
+    /// SMTP answered with a temporary (4xx) failure.
+    Smtp4xx,
+    /// SMTP answered with a permanent (5xx) failure.
+    Smtp5xx,
+    /// The server accepted mail it must refuse (relay without authentication).
+    OpenRelay,
+}
+
+impl FailureReason {
+    /// Every reason, for documentation and tests of the label set.
+    pub const ALL: &'static [FailureReason] = &[
+        Self::Refused,
+        Self::Timeout,
+        Self::Dns,
+        Self::Network,
+        Self::TlsHandshake,
+        Self::CertUntrusted,
+        Self::CertExpired,
+        Self::CertNameMismatch,
+        Self::UnexpectedStatus,
+        Self::ContentMismatch,
+        Self::AuthFailed,
+        Self::Protocol,
+        Self::Oversize,
+        Self::StarttlsMissing,
+        Self::MailboxMissing,
+        Self::Smtp4xx,
+        Self::Smtp5xx,
+        Self::OpenRelay,
+    ];
+
+    /// The label value used in metrics, logs and `check` output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Dns => "dns",
+            Self::Network => "network",
+            Self::TlsHandshake => "tls_handshake",
+            Self::CertUntrusted => "cert_untrusted",
+            Self::CertExpired => "cert_expired",
+            Self::CertNameMismatch => "cert_name_mismatch",
+            Self::UnexpectedStatus => "unexpected_status",
+            Self::ContentMismatch => "content_mismatch",
+            Self::AuthFailed => "auth_failed",
+            Self::Protocol => "protocol",
+            Self::Oversize => "oversize",
+            Self::StarttlsMissing => "starttls_missing",
+            Self::MailboxMissing => "mailbox_missing",
+            Self::Smtp4xx => "smtp_4xx",
+            Self::Smtp5xx => "smtp_5xx",
+            Self::OpenRelay => "open_relay",
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failed probe: the reason (a label), the phase it happened in, and a
+/// human-readable detail. The detail may contain server-supplied text, never
+/// secrets: probes must not put credentials into it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// The closed-set reason.
+    pub reason: FailureReason,
+    /// The phase that was running, when known.
+    pub phase: Option<&'static str>,
+    /// Detail for logs and the `check` table, already truncated and escaped.
+    pub detail: String,
+}
+
+/// Longest server-supplied text we keep in a failure detail.
+const MAX_DETAIL: usize = 300;
+
+impl Failure {
+    /// A failure with a detail; control characters are escaped and the text is
+    /// truncated so a hostile server cannot inject terminal escapes or flood logs.
+    pub fn new(reason: FailureReason, detail: impl AsRef<str>) -> Self {
+        Failure {
+            reason,
+            phase: None,
+            detail: sanitize(detail.as_ref()),
+        }
+    }
+
+    /// Classifies an I/O error from connecting or talking to a server.
+    pub fn io(err: &std::io::Error) -> Self {
+        use std::io::ErrorKind::*;
+        let reason = match err.kind() {
+            ConnectionRefused => FailureReason::Refused,
+            TimedOut => FailureReason::Timeout,
+            InvalidData => tls::classify_io(err).unwrap_or(FailureReason::Protocol),
+            _ => tls::classify_io(err).unwrap_or(FailureReason::Network),
+        };
+        Failure::new(reason, err.to_string())
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.phase {
+            Some(phase) => write!(f, "{} in {}: {}", self.reason, phase, self.detail),
+            None => write!(f, "{}: {}", self.reason, self.detail),
+        }
+    }
+}
+
+/// Escapes control characters and truncates, for any text a server sent us.
+pub fn sanitize(text: &str) -> String {
+    let mut out = String::new();
+    for c in text.chars() {
+        if out.len() >= MAX_DETAIL {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Facts about the certificate a server presented, recorded even when the
+/// verification failed, so old and new can be compared by fingerprint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertFacts {
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+    /// Whether the certificate covers the production hostname.
+    pub name_matched: bool,
+    /// Issuer distinguished name.
+    pub issuer: String,
+    /// Hex SHA-256 of the DER certificate.
+    pub sha256: String,
+    /// The DNS names the certificate covers (subjectAltName).
+    pub dns_names: Vec<String>,
+}
+
+/// One probe execution: phase timings and the facts a probe gathers. Lives
+/// outside the probe's future so a timeout can still say which phase hung.
+#[derive(Debug, Default)]
+pub struct Run {
+    phases: Vec<(&'static str, Duration)>,
+    current: Option<(&'static str, Instant)>,
+    /// Certificate facts from the last TLS handshake, if any.
+    pub cert: Option<CertFacts>,
+    /// Protocol-specific measurements (see `metrics::Extra`).
+    pub extras: Vec<Extra>,
+}
+
+impl Run {
+    /// Times `fut` as phase `name`. If the run is cancelled by the timeout
+    /// while `fut` is pending, [`Run::current_phase`] names it.
+    pub async fn phase<T>(&mut self, name: &'static str, fut: impl Future<Output = T>) -> T {
+        let start = Instant::now();
+        self.current = Some((name, start));
+        let out = fut.await;
+        self.current = None;
+        self.record_phase(name, start.elapsed());
+        out
+    }
+
+    /// Records a phase measured elsewhere. A phase that repeats (one connect
+    /// per redirect hop) adds up, as blackbox_exporter does.
+    pub fn record_phase(&mut self, name: &'static str, took: Duration) {
+        match self.phases.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, total)) => *total += took,
+            None => self.phases.push((name, took)),
+        }
+    }
+
+    /// The phase that was running when the run was cut short.
+    pub fn current_phase(&self) -> Option<&'static str> {
+        self.current.map(|(name, _)| name)
+    }
+
+    /// The finished phases in order.
+    pub fn phases(&self) -> &[(&'static str, Duration)] {
+        &self.phases
+    }
+}
+
+/// The result of one probe execution as the scheduler publishes it.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// `Ok` or the failure.
+    pub result: Result<(), Failure>,
+    /// Wall time from start (including resolution) to end or timeout.
+    pub duration: Duration,
+    /// Finished phases with their durations.
+    pub phases: Vec<(&'static str, Duration)>,
+    /// Certificate facts, when a TLS handshake got as far as a certificate.
+    pub cert: Option<CertFacts>,
+    /// Protocol-specific measurements.
+    pub extras: Vec<Extra>,
+    /// For `live`: the address DNS handed out and the environment it belongs to.
+    pub resolved: Option<(IpAddr, String)>,
+    /// When the run started, Unix seconds.
+    pub started_at: f64,
+}
+
+impl Outcome {
+    /// Whether the probe succeeded.
+    pub fn success(&self) -> bool {
+        self.result.is_ok()
+    }
+}
+
+/// Opens a TCP connection to `ip:port` as phase `connect`.
+pub async fn connect(ip: IpAddr, port: u16, run: &mut Run) -> Result<tokio::net::TcpStream, Failure> {
+    run.phase("connect", tokio::net::TcpStream::connect((ip, port)))
+        .await
+        .map_err(|e| Failure::io(&e))
+        .in_phase("connect")
+}
+
+/// Maps a phase-timed failure onto [`Failure`], keeping the first phase set.
+pub trait InPhase<T> {
+    /// Tags the failure with the phase it happened in.
+    fn in_phase(self, phase: &'static str) -> Result<T, Failure>;
+}
+
+impl<T> InPhase<T> for Result<T, Failure> {
+    fn in_phase(self, phase: &'static str) -> Result<T, Failure> {
+        self.map_err(|mut f| {
+            f.phase.get_or_insert(phase);
+            f
+        })
+    }
+}

@@ -1,0 +1,293 @@
+//! When probes run: one task per check instance (check x environment x address),
+//! each on its own interval at a stable offset, never overlapping itself and
+//! never waiting for another instance.
+//!
+//! Results are published to [`Metrics`] as they arrive; scraping never runs a
+//! probe. The log gets one line per state change of an instance (up, down, or
+//! a different failure reason), never one per success.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, EnvKind, LoadedCheck, ResolverAddr};
+use crate::metrics::{Instance, Metrics};
+use crate::probe::{Failure, FailureReason, InPhase, Outcome, Run};
+use crate::resolve;
+
+/// Where an instance connects.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// A fixed address of a pinned environment.
+    Pinned(IpAddr),
+    /// Whatever the resolver answers at probe time.
+    Live(ResolverAddr),
+}
+
+/// One schedulable unit: a check in one environment at one address.
+#[derive(Clone)]
+pub struct InstanceSpec {
+    /// Its labels.
+    pub inst: Instance,
+    /// The check and its probe.
+    pub check: LoadedCheck,
+    /// Where it connects.
+    pub target: Target,
+}
+
+/// Label value of `address` for live instances, whose address changes with DNS.
+pub const LIVE_ADDRESS: &str = "resolved";
+
+/// Expands a configuration into its instances, in file order.
+pub fn instances(config: &Config) -> Vec<InstanceSpec> {
+    let mut out = Vec::new();
+    for loaded in &config.checks {
+        let check = &loaded.check;
+        for env in &check.envs {
+            let targets: Vec<(String, Target)> = match &env.kind {
+                EnvKind::Pinned(addrs) => addrs.iter().map(|ip| (ip.to_string(), Target::Pinned(*ip))).collect(),
+                EnvKind::Live(resolver) => vec![(LIVE_ADDRESS.to_string(), Target::Live(*resolver))],
+            };
+            for (address, target) in targets {
+                out.push(InstanceSpec {
+                    inst: Instance {
+                        check: check.name.clone(),
+                        kind: check.kind.name(),
+                        env: env.name.clone(),
+                        address,
+                    },
+                    check: loaded.clone(),
+                    target,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Runs one instance once, within its check's timeout.
+pub async fn run_once(spec: &InstanceSpec, config: &Config) -> Outcome {
+    let timeout = spec.check.check.timeout;
+    let started_at = crate::unix_now();
+    let start = Instant::now();
+    let mut run = Run::default();
+    let mut resolved = None;
+    let attempt = attempt(spec, config, &mut run, &mut resolved);
+    let result = match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(Failure {
+            reason: FailureReason::Timeout,
+            phase: run.current_phase(),
+            detail: format!("no result within {}", humantime::format_duration(timeout)),
+        }),
+    };
+    Outcome {
+        result,
+        duration: start.elapsed(),
+        phases: run.phases().to_vec(),
+        cert: run.cert.take(),
+        extras: std::mem::take(&mut run.extras),
+        resolved,
+        started_at,
+    }
+}
+
+async fn attempt(
+    spec: &InstanceSpec,
+    config: &Config,
+    run: &mut Run,
+    resolved: &mut Option<(IpAddr, String)>,
+) -> Result<(), Failure> {
+    let probe = &spec.check.probe;
+    let ip = match &spec.target {
+        Target::Pinned(ip) => *ip,
+        Target::Live(resolver) => {
+            let lookup = resolve::lookup(*resolver, probe.hostname(), spec.check.check.timeout);
+            let ips = run.phase("resolve", lookup).await.in_phase("resolve")?;
+            // Users' clients try IPv4 first on most networks; so do we.
+            let ip = ips.iter().find(|ip| ip.is_ipv4()).unwrap_or(&ips[0]).to_owned();
+            *resolved = Some((ip, config.env_of(ip).unwrap_or("unknown").to_string()));
+            ip
+        }
+    };
+    probe.run(ip, run).await
+}
+
+/// Runs every given instance once, concurrently (the `check` command and `/probe`).
+pub async fn run_all(specs: &[InstanceSpec], config: &Config) -> Vec<Outcome> {
+    futures::future::join_all(specs.iter().map(|s| run_once(s, config))).await
+}
+
+/// The offset within its interval at which an instance runs: stable across
+/// restarts and reloads, spread evenly so instances do not fire together.
+pub fn offset(inst: &Instance, interval: Duration) -> Duration {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    inst.hash(&mut h);
+    let nanos = interval.as_nanos().max(1);
+    Duration::from_nanos((u128::from(h.finish()) % nanos) as u64)
+}
+
+/// The last published state of an instance, for state-change logging and the
+/// status surfaces.
+#[derive(Debug, Clone)]
+pub struct LastState {
+    /// The last outcome.
+    pub outcome: Outcome,
+    /// Unix time since which the instance has been in this state.
+    pub since: f64,
+}
+
+/// State shared between the scheduler and the HTTP surface.
+pub struct Shared {
+    /// Every metric.
+    pub metrics: Metrics,
+    /// Last state per instance.
+    pub last: Mutex<HashMap<Instance, LastState>>,
+}
+
+impl Shared {
+    /// Fresh state around a registry.
+    pub fn new(metrics: Metrics) -> Arc<Shared> {
+        Arc::new(Shared {
+            metrics,
+            last: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Publishes an outcome and logs it if the instance's state changed.
+    pub fn publish(&self, inst: &Instance, outcome: Outcome) {
+        self.metrics.record(inst, &outcome);
+        let mut last = self.last.lock().expect("state lock");
+        let previous = last.get(inst);
+        let changed = match previous {
+            None => true,
+            Some(p) => state_key(&p.outcome) != state_key(&outcome),
+        };
+        let since = match previous {
+            Some(p) if !changed => p.since,
+            _ => outcome.started_at,
+        };
+        if changed {
+            log_change(inst, previous.map(|p| &p.outcome), &outcome);
+        }
+        last.insert(inst.clone(), LastState { outcome, since });
+    }
+}
+
+fn state_key(o: &Outcome) -> Option<FailureReason> {
+    o.result.as_ref().err().map(|f| f.reason)
+}
+
+fn log_change(inst: &Instance, before: Option<&Outcome>, now: &Outcome) {
+    let was = before.map_or("unknown", |b| if b.success() { "up" } else { "down" });
+    match &now.result {
+        Ok(()) => tracing::info!(
+            check = %inst.check, kind = inst.kind, env = %inst.env, address = %inst.address,
+            was, state = "up", duration_seconds = now.duration.as_secs_f64(),
+            "check instance is up"
+        ),
+        Err(f) => tracing::warn!(
+            check = %inst.check, kind = inst.kind, env = %inst.env, address = %inst.address,
+            was, state = "down", reason = f.reason.as_str(), phase = f.phase.unwrap_or("-"),
+            detail = %f.detail,
+            "check instance is down"
+        ),
+    }
+}
+
+/// Owns the running instance tasks.
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    tasks: Vec<(Instance, JoinHandle<()>)>,
+}
+
+impl Scheduler {
+    /// A scheduler with nothing scheduled.
+    pub fn new(shared: Arc<Shared>) -> Scheduler {
+        Scheduler {
+            shared,
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Replaces the running instances with those of `config`. Series of
+    /// instances that are gone are removed; the others keep their counters.
+    pub fn apply(&mut self, config: Arc<Config>) {
+        let specs = instances(&config);
+        for (inst, task) in self.tasks.drain(..) {
+            task.abort();
+            if !specs.iter().any(|s| s.inst == inst) {
+                self.shared.metrics.forget(&inst);
+                self.shared.last.lock().expect("state lock").remove(&inst);
+            }
+        }
+        self.shared.metrics.set_instances(specs.len());
+        for spec in specs {
+            let inst = spec.inst.clone();
+            let task = tokio::spawn(instance_loop(spec, config.clone(), self.shared.clone()));
+            self.tasks.push((inst, task));
+        }
+    }
+
+    /// Stops every instance.
+    pub fn stop(&mut self) {
+        for (_, task) in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn instance_loop(spec: InstanceSpec, config: Arc<Config>, shared: Arc<Shared>) {
+    let interval = spec.check.check.interval;
+    // Align to the wall clock so an instance keeps its slot across restarts.
+    let since_epoch = Duration::from_secs_f64(crate::unix_now());
+    let phase = Duration::from_nanos((since_epoch.as_nanos() % interval.as_nanos().max(1)) as u64);
+    let wanted = offset(&spec.inst, interval);
+    let wait = if wanted >= phase {
+        wanted - phase
+    } else {
+        interval - (phase - wanted)
+    };
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + wait, interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticker.tick().await;
+        let outcome = run_once(&spec, &config).await;
+        shared.publish(&spec.inst, outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_stable_and_within_the_interval() {
+        let inst = |n: u32| Instance {
+            check: format!("c{n}"),
+            kind: "tcp",
+            env: "old".into(),
+            address: "127.0.0.10".into(),
+        };
+        let interval = Duration::from_secs(30);
+        assert_eq!(offset(&inst(1), interval), offset(&inst(1), interval));
+        let offsets: Vec<Duration> = (0..1000).map(|n| offset(&inst(n), interval)).collect();
+        assert!(offsets.iter().all(|o| *o < interval));
+        // Spread: every tenth of the interval gets some instances.
+        for slot in 0..10 {
+            let lo = interval * slot / 10;
+            let hi = interval * (slot + 1) / 10;
+            assert!(offsets.iter().any(|o| *o >= lo && *o < hi), "slot {slot} empty");
+        }
+    }
+}
