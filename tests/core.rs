@@ -40,13 +40,30 @@ fn webmail_is_up_in_old_new_and_live_and_each_env_reaches_its_own_server() {
         d.wait_for("cutover_probe_success", &labels("webmail", env), |v| v == 1.0, 5 * SECS);
     }
     // The same hostname, pinned: only old's server says "environment: old".
-    d.wait_for("cutover_probe_success", &labels("webmail-is-old", "old"), |v| v == 1.0, 5 * SECS);
-    d.wait_for("cutover_probe_success", &labels("webmail-is-old", "new"), |v| v == 0.0, 5 * SECS);
+    d.wait_for(
+        "cutover_probe_success",
+        &labels("webmail-is-old", "old"),
+        |v| v == 1.0,
+        5 * SECS,
+    );
+    d.wait_for(
+        "cutover_probe_success",
+        &labels("webmail-is-old", "new"),
+        |v| v == 0.0,
+        5 * SECS,
+    );
     let s = d.scrape();
-    let reason = [("check", "webmail-is-old"), ("env", "new"), ("reason", "content_mismatch")];
+    let reason = [
+        ("check", "webmail-is-old"),
+        ("env", "new"),
+        ("reason", "content_mismatch"),
+    ];
     assert!(s.get("cutover_probe_failures_total", &reason).unwrap() >= 1.0);
     assert_eq!(
-        s.get("cutover_probe_success", &[("check", "webmail"), ("env", "old"), ("address", "127.0.0.10")]),
+        s.get(
+            "cutover_probe_success",
+            &[("check", "webmail"), ("env", "old"), ("address", "127.0.0.10")]
+        ),
         Some(1.0)
     );
     for phase in ["connect", "tls", "first_byte", "transfer"] {
@@ -65,13 +82,20 @@ fn webmail_is_up_in_old_new_and_live_and_each_env_reaches_its_own_server() {
     let fingerprint = |env: &str| {
         s.series("cutover_tls_cert_info")
             .into_iter()
-            .find(|(l, _)| l.iter().any(|(k, v)| k == "env" && v == env) && l.iter().any(|(k, v)| k == "check" && v == "webmail"))
+            .find(|(l, _)| {
+                l.iter().any(|(k, v)| k == "env" && v == env) && l.iter().any(|(k, v)| k == "check" && v == "webmail")
+            })
             .and_then(|(l, _)| l.into_iter().find(|(k, _)| k == "sha256").map(|(_, v)| v))
             .unwrap()
     };
     assert_ne!(fingerprint("old"), fingerprint("new"));
     assert_eq!(fingerprint("old").len(), 64);
-    let not_after = s.get("cutover_tls_cert_not_after_timestamp_seconds", &labels("webmail", "new")).unwrap();
+    let not_after = s
+        .get(
+            "cutover_tls_cert_not_after_timestamp_seconds",
+            &labels("webmail", "new"),
+        )
+        .unwrap();
     assert!(not_after > cutover_monitor::unix_now() + 86_400.0, "{not_after}");
 }
 
@@ -79,19 +103,41 @@ fn webmail_is_up_in_old_new_and_live_and_each_env_reaches_its_own_server() {
 fn stopping_new_nginx_fails_new_with_refused_and_leaves_old_alone() {
     lab();
     let d = Daemon::start(WEBMAIL);
-    d.wait_for("cutover_probe_success", &labels("webmail", "new"), |v| v == 1.0, 5 * SECS);
+    d.wait_for(
+        "cutover_probe_success",
+        &labels("webmail", "new"),
+        |v| v == 1.0,
+        5 * SECS,
+    );
     {
         let _restore = lab_fault(&["svc", "stop", "new", "nginx"], &["svc", "start", "new", "nginx"]);
         let stopped = Instant::now();
-        d.wait_for("cutover_probe_success", &labels("webmail", "new"), |v| v == 0.0, 3 * SECS);
+        d.wait_for(
+            "cutover_probe_success",
+            &labels("webmail", "new"),
+            |v| v == 0.0,
+            3 * SECS,
+        );
         // Within one interval (1 s) plus a scrape's worth of slack.
-        assert!(stopped.elapsed() < Duration::from_millis(1500), "{:?}", stopped.elapsed());
+        assert!(
+            stopped.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            stopped.elapsed()
+        );
         let reason = [("check", "webmail"), ("env", "new"), ("reason", "refused")];
         assert!(d.scrape().get("cutover_probe_failures_total", &reason).unwrap() >= 1.0);
-        assert_eq!(d.scrape().get("cutover_probe_success", &labels("webmail", "old")), Some(1.0));
+        assert_eq!(
+            d.scrape().get("cutover_probe_success", &labels("webmail", "old")),
+            Some(1.0)
+        );
         assert!(d.logs().contains("check instance is down"), "{}", d.logs());
     }
-    d.wait_for("cutover_probe_success", &labels("webmail", "new"), |v| v == 1.0, 5 * SECS);
+    d.wait_for(
+        "cutover_probe_success",
+        &labels("webmail", "new"),
+        |v| v == 1.0,
+        5 * SECS,
+    );
     let ups = d.logs().matches("check instance is up").count();
     // One line per state change, not per success: first up for each of the
     // instances, then new's recovery.
@@ -126,11 +172,26 @@ fn live_follows_the_dns_switch() {
             5 * SECS,
         );
         let s = d.scrape();
-        assert_eq!(live("old")(&s), None, "the old answer's series is gone:\n{}", s.matching("cutover_live"));
+        assert_eq!(
+            live("old")(&s),
+            None,
+            "the old answer's series is gone:\n{}",
+            s.matching("cutover_live")
+        );
         // Live now reaches new's server: the old-only content check fails in live.
-        d.wait_for("cutover_probe_success", &labels("webmail-is-old", "live"), |v| v == 0.0, 5 * SECS);
+        d.wait_for(
+            "cutover_probe_success",
+            &labels("webmail-is-old", "live"),
+            |v| v == 0.0,
+            5 * SECS,
+        );
     }
-    d.wait_for("cutover_live_resolved_env_info", &[("check", "webmail"), ("resolved_env", "old")], |v| v == 1.0, 5 * SECS);
+    d.wait_for(
+        "cutover_live_resolved_env_info",
+        &[("check", "webmail"), ("resolved_env", "old")],
+        |v| v == 1.0,
+        5 * SECS,
+    );
 }
 
 /// A check against a fake TLS server presenting `cert`, trusting `ca_pem`.
@@ -144,7 +205,10 @@ fn tls_check(lab: &Lab, port: u16, ca_pem: &str) -> (i32, serde_json::Value) {
     );
     let _ = lab;
     let (code, out, err) = check_cmd(&yaml, &["--format", "json"]);
-    (code, serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}")))
+    (
+        code,
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}")),
+    )
 }
 
 #[test]
@@ -153,7 +217,12 @@ fn certificate_problems_each_have_their_own_reason() {
     let ca = TestCa::new("Test CA");
     let other = TestCa::new("Unknown CA");
     let cases = [
-        ("good", common::tls_server(ca.leaf(&["imap.example.test"], false), b"* OK\r\n"), &ca.pem, None),
+        (
+            "good",
+            common::tls_server(ca.leaf(&["imap.example.test"], false), b"* OK\r\n"),
+            &ca.pem,
+            None,
+        ),
         (
             "wrong name",
             common::tls_server(ca.leaf(&["other.example.test"], false), b"* OK\r\n"),
@@ -223,17 +292,33 @@ checks:
 fn a_broken_reload_keeps_the_old_checks_and_a_good_one_applies() {
     lab();
     let d = Daemon::start(WEBMAIL);
-    d.wait_for("cutover_probe_success", &labels("webmail", "old"), |v| v == 1.0, 5 * SECS);
+    d.wait_for(
+        "cutover_probe_success",
+        &labels("webmail", "old"),
+        |v| v == 1.0,
+        5 * SECS,
+    );
     assert_eq!(d.scrape().get("cutover_config_last_reload_successful", &[]), Some(1.0));
 
     std::fs::write(&d.config, "environments: {old: {addresses: [127.0.0.10]}}\nchecks:\n  - name: x\n    kind: http\n    url: 42\n    intervall: 1s\n").unwrap();
     let (status, body) = d.reload();
     assert_eq!(status, 500, "{body}");
-    assert!(body.contains("checks.yaml:6:5: field `checks[0].intervall`: unknown field"), "{body}");
+    assert!(
+        body.contains("checks.yaml:6:5: field `checks[0].intervall`: unknown field"),
+        "{body}"
+    );
     assert_eq!(d.scrape().get("cutover_config_last_reload_successful", &[]), Some(0.0));
     // The old checks keep running.
-    let runs = d.scrape().get("cutover_probe_runs_total", &labels("webmail", "old")).unwrap();
-    d.wait_for("cutover_probe_runs_total", &labels("webmail", "old"), |v| v >= runs + 2.0, 5 * SECS);
+    let runs = d
+        .scrape()
+        .get("cutover_probe_runs_total", &labels("webmail", "old"))
+        .unwrap();
+    d.wait_for(
+        "cutover_probe_runs_total",
+        &labels("webmail", "old"),
+        |v| v >= runs + 2.0,
+        5 * SECS,
+    );
 
     // A good config via SIGHUP: webmail-is-old is gone, a tcp check appears.
     let good = lab().render(
@@ -244,9 +329,18 @@ fn a_broken_reload_keeps_the_old_checks_and_a_good_one_applies() {
     d.wait_for("cutover_config_last_reload_successful", &[], |v| v == 1.0, 5 * SECS);
     d.wait_for("cutover_probe_success", &labels("imaps", "new"), |v| v == 1.0, 5 * SECS);
     let s = d.scrape();
-    assert!(s.series("cutover_probe_success").iter().all(|(l, _)| !l.iter().any(|(_, v)| v == "webmail-is-old" || v == "live")), "{}", s.matching("cutover_probe_success"));
+    assert!(
+        s.series("cutover_probe_success")
+            .iter()
+            .all(|(l, _)| !l.iter().any(|(_, v)| v == "webmail-is-old" || v == "live")),
+        "{}",
+        s.matching("cutover_probe_success")
+    );
     assert_eq!(s.get("cutover_check_instances", &[]), Some(4.0));
-    assert!(s.get("cutover_probe_runs_total", &labels("webmail", "old")).unwrap() > runs, "counters survive a reload");
+    assert!(
+        s.get("cutover_probe_runs_total", &labels("webmail", "old")).unwrap() > runs,
+        "counters survive a reload"
+    );
 }
 
 #[test]
@@ -260,7 +354,11 @@ fn check_exits_0_when_all_pass_2_when_any_fails_3_when_it_cannot_run() {
 
     let (code, out, _) = check_cmd(WEBMAIL, &["--check", "webmail-is-old"]);
     assert_eq!(code, 2, "{out}");
-    assert!(out.lines().any(|l| l.starts_with("webmail-is-old  new") && l.contains("FAIL") && l.contains("content_mismatch")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("webmail-is-old  new") && l.contains("FAIL") && l.contains("content_mismatch")),
+        "{out}"
+    );
 
     let (code, out, _) = check_cmd(WEBMAIL, &["--env", "new", "--format", "json"]);
     assert_eq!(code, 2);
@@ -279,21 +377,57 @@ fn validate_reports_every_problem_with_file_line_and_field() {
     let (_dir, path) = common::write_config(
         "defaults: {interval: 30}\nenvironments:\n  old: {addresses: [127.0.0.10]}\n  bad: {}\ncredentials:\n  probe: {username: u, password: hunter2}\nchecks:\n  - {name: a, kind: tcp, host: h, port: 1}\n  - {name: a, kind: http, url: \"ftp://x\"}\n  - {name: b, kind: smoke}\n",
     );
-    let (code, out, err) = common::decode(common::bin().arg("validate").arg("--config.file").arg(&path).output().unwrap());
+    let (code, out, err) = common::decode(
+        common::bin()
+            .arg("validate")
+            .arg("--config.file")
+            .arg(&path)
+            .output()
+            .unwrap(),
+    );
     assert_ne!(code, 0);
     assert!(out.is_empty(), "{out}");
     let file = path.display().to_string();
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 6, "{err}");
-    assert_eq!(lines[0], format!("{file}:1:12: field `defaults.interval`: expected a duration like `30s`, got `30`"));
-    assert!(lines[1].starts_with(&format!("{file}:4:3: field `environments.bad`: set `addresses`")), "{err}");
-    assert!(lines[2].starts_with(&format!("{file}:6:24: field `credentials.probe.password`: inline passwords are not allowed")), "{err}");
-    assert!(lines[3].starts_with(&format!("{file}:9:6: field `checks[1].name`: duplicate check name `a`")), "{err}");
-    assert!(lines[4].starts_with(&format!("{file}:9:27: field `checks[1].url`")) && lines[4].contains("http:// or https://"), "{err}");
-    assert!(lines[5].starts_with(&format!("{file}:10:15: field `checks[2].kind`: unknown variant `smoke`")), "{err}");
+    assert_eq!(
+        lines[0],
+        format!("{file}:1:12: field `defaults.interval`: expected a duration like `30s`, got `30`")
+    );
+    assert!(
+        lines[1].starts_with(&format!("{file}:4:3: field `environments.bad`: set `addresses`")),
+        "{err}"
+    );
+    assert!(
+        lines[2].starts_with(&format!(
+            "{file}:6:24: field `credentials.probe.password`: inline passwords are not allowed"
+        )),
+        "{err}"
+    );
+    assert!(
+        lines[3].starts_with(&format!("{file}:9:6: field `checks[1].name`: duplicate check name `a`")),
+        "{err}"
+    );
+    assert!(
+        lines[4].starts_with(&format!("{file}:9:27: field `checks[1].url`"))
+            && lines[4].contains("http:// or https://"),
+        "{err}"
+    );
+    assert!(
+        lines[5].starts_with(&format!(
+            "{file}:10:15: field `checks[2].kind`: unknown variant `smoke`"
+        )),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"), "{err}");
 
-    let (code, out, _) = common::decode(common::bin().args(["validate", "--config.file", "checks/lab.yaml"]).current_dir(common::root()).output().unwrap());
+    let (code, out, _) = common::decode(
+        common::bin()
+            .args(["validate", "--config.file", "checks/lab.yaml"])
+            .current_dir(common::root())
+            .output()
+            .unwrap(),
+    );
     assert_eq!(code, 0, "{out}");
 }
 
@@ -301,11 +435,19 @@ fn validate_reports_every_problem_with_file_line_and_field() {
 fn promtool_finds_the_exposition_clean() {
     lab();
     let d = Daemon::start(WEBMAIL);
-    d.wait_for("cutover_probe_success", &labels("webmail", "live"), |v| v == 1.0, 5 * SECS);
+    d.wait_for(
+        "cutover_probe_success",
+        &labels("webmail", "live"),
+        |v| v == 1.0,
+        5 * SECS,
+    );
     let text = d.scrape().text;
     for name in cutover_monitor::metrics::CATALOG.iter().map(|(n, _)| *n) {
         if !name.starts_with("cutover_imap") && !name.starts_with("cutover_smtp") {
-            assert!(text.contains(&format!("# HELP {name} ")), "{name} missing from a lab scrape");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} missing from a lab scrape"
+            );
         }
     }
     let mut child = std::process::Command::new("promtool")
@@ -318,7 +460,11 @@ fn promtool_finds_the_exposition_clean() {
     use std::io::Write;
     child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success() && report.trim().is_empty(), "promtool: {report}");
 }
 
@@ -329,8 +475,16 @@ fn probe_endpoint_runs_a_check_now_and_health_endpoints_answer() {
     let (status, body) = d.http("GET", "/probe?check=webmail&env=new").unwrap();
     assert_eq!(status, 200, "{body}");
     let s = common::Scrape::parse(&body);
-    assert_eq!(s.get("cutover_probe_success", &labels("webmail", "new")), Some(1.0), "{body}");
-    assert_eq!(s.get("cutover_probe_success", &labels("webmail", "old")), None, "{body}");
+    assert_eq!(
+        s.get("cutover_probe_success", &labels("webmail", "new")),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        s.get("cutover_probe_success", &labels("webmail", "old")),
+        None,
+        "{body}"
+    );
     assert!(!body.contains("cutover_config_last_reload"), "{body}");
     assert_eq!(d.http("GET", "/probe?check=nope").unwrap().0, 400);
     assert_eq!(d.http("GET", "/-/healthy").unwrap().0, 200);
@@ -342,7 +496,12 @@ fn probe_endpoint_runs_a_check_now_and_health_endpoints_answer() {
 fn sigterm_stops_the_daemon_within_a_second() {
     lab();
     let mut d = Daemon::start(WEBMAIL);
-    d.wait_for("cutover_probe_success", &labels("webmail", "old"), |v| v == 1.0, 5 * SECS);
+    d.wait_for(
+        "cutover_probe_success",
+        &labels("webmail", "old"),
+        |v| v == 1.0,
+        5 * SECS,
+    );
     d.signal("TERM");
     let took = d.wait_exit(Duration::from_secs(3)).expect("daemon did not exit");
     assert!(took < SECS, "{took:?}");
@@ -357,4 +516,47 @@ fn the_webmail_http_redirect_is_followed_to_https_on_the_same_pinned_address() {
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     let phases = rows[0]["phases"].as_array().unwrap();
     assert!(phases.iter().any(|p| p[0] == "tls"), "the redirect led to TLS: {out}");
+}
+
+#[test]
+fn every_address_of_an_environment_is_probed_and_labelled() {
+    lab();
+    // 127.0.0.11 has no server: its failure must not hide behind 127.0.0.10.
+    let yaml = "defaults: {ca_file: \"{{CA}}\"}\nenvironments:\n  old: {addresses: [127.0.0.10, 127.0.0.11]}\nchecks:\n  - {name: w, kind: http, url: \"https://webmail.example.test/\"}\n";
+    let (code, out, _) = check_cmd(yaml, &["--format", "json"]);
+    assert_eq!(code, 2, "{out}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let by_address = |a: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["address"] == a)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_address("127.0.0.10")["success"], true, "{out}");
+    assert_eq!(by_address("127.0.0.11")["reason"], "refused", "{out}");
+}
+
+#[test]
+fn json_logs_carry_one_structured_line_per_state_change() {
+    lab();
+    let yaml = "defaults: {interval: 500ms, timeout: 400ms}\nenvironments:\n  old: {addresses: [127.0.0.10]}\nchecks:\n  - {name: closed, kind: tcp, host: imap.example.test, port: 1}\n";
+    let d = Daemon::start_with(yaml, &["--log.format", "json"]);
+    d.wait_for(
+        "cutover_probe_runs_total",
+        &[("check", "closed")],
+        |v| v >= 4.0,
+        5 * SECS,
+    );
+    let logs = d.logs();
+    let downs: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter(|v| v["fields"]["message"] == "check instance is down")
+        .collect();
+    assert_eq!(downs.len(), 1, "four failed runs, one state change:\n{logs}");
+    assert_eq!(downs[0]["fields"]["reason"], "refused");
+    assert_eq!(downs[0]["fields"]["check"], "closed");
+    assert_eq!(downs[0]["level"], "WARN");
 }

@@ -14,7 +14,10 @@ fn readme() -> String {
 fn every_metric_is_in_the_readme_reference() {
     let readme = readme();
     for (name, help) in CATALOG {
-        assert!(readme.contains(&format!("| `{name}` |")), "README lacks a row for {name}");
+        assert!(
+            readme.contains(&format!("| `{name}` |")),
+            "README lacks a row for {name}"
+        );
         assert!(!help.is_empty() && name.starts_with("cutover_"), "{name}");
     }
 }
@@ -23,18 +26,31 @@ fn every_metric_is_in_the_readme_reference() {
 fn every_failure_reason_is_in_the_readme() {
     let readme = readme();
     for reason in FailureReason::ALL {
-        assert!(readme.contains(&format!("| `{reason}` |")), "README lacks reason {reason}");
+        assert!(
+            readme.contains(&format!("| `{reason}` |")),
+            "README lacks reason {reason}"
+        );
     }
 }
 
 #[test]
 fn the_readme_opens_with_the_run_and_test_commands() {
     let readme = readme();
-    let blocks: Vec<&str> = readme.split("```sh\n").skip(1).map(|b| b.split("```").next().unwrap().trim()).collect();
-    assert_eq!(blocks[0], "tests/lab/up && cargo run -- run --config.file checks/lab.yaml");
+    let blocks: Vec<&str> = readme
+        .split("```sh\n")
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap().trim())
+        .collect();
+    assert_eq!(
+        blocks[0],
+        "tests/lab/up && cargo run -- run --config.file checks/lab.yaml"
+    );
     assert_eq!(blocks[1], "tests/run");
     let ci = std::fs::read_to_string(common::root().join(".ci/run")).unwrap();
-    assert!(ci.lines().any(|l| l.trim() == "tests/run"), ".ci/run must run the README's test command");
+    assert!(
+        ci.lines().any(|l| l.trim() == "tests/run"),
+        ".ci/run must run the README's test command"
+    );
 }
 
 #[test]
@@ -46,5 +62,8 @@ fn the_schema_command_prints_a_json_schema_of_the_check_file() {
     for section in ["defaults", "environments", "credentials", "checks"] {
         assert!(schema["properties"][section].is_object(), "schema lacks {section}");
     }
-    assert!(out.contains("\"http\"") && out.contains("\"tcp\""), "kinds in the schema: {out}");
+    assert!(
+        out.contains("\"http\"") && out.contains("\"tcp\""),
+        "kinds in the schema: {out}"
+    );
 }

@@ -56,8 +56,14 @@ pub fn lab() -> Lab {
                 panic!("the lab is not running ({addr} refuses): run tests/lab/up first");
             }
         }
-        let out = Command::new(root().join("tests/lab/env")).output().expect("run tests/lab/env");
-        assert!(out.status.success(), "tests/lab/env failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(root().join("tests/lab/env"))
+            .output()
+            .expect("run tests/lab/env");
+        assert!(
+            out.status.success(),
+            "tests/lab/env failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut vars = HashMap::new();
         for line in String::from_utf8(out.stdout).unwrap().lines() {
             if let Some((k, v)) = line.strip_prefix("export CUTOVER_LAB_").and_then(|l| l.split_once('=')) {
@@ -123,7 +129,13 @@ pub fn bin() -> Command {
 /// Runs `cutover-monitor check` on a config; returns (exit code, stdout, stderr).
 pub fn check_cmd(yaml: &str, args: &[&str]) -> (i32, String, String) {
     let (_dir, path) = write_config(yaml);
-    let out = bin().arg("check").arg("--config.file").arg(&path).args(args).output().unwrap();
+    let out = bin()
+        .arg("check")
+        .arg("--config.file")
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap();
     decode(out)
 }
 
@@ -166,7 +178,9 @@ impl Daemon {
             .arg("--web.listen-address")
             .arg(addr.to_string())
             .args(args)
-            .stdout(Stdio::from(std::fs::File::create(dir.path().join("stdout.log")).unwrap()))
+            .stdout(Stdio::from(
+                std::fs::File::create(dir.path().join("stdout.log")).unwrap(),
+            ))
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
             .spawn()
             .unwrap();
@@ -185,7 +199,11 @@ impl Daemon {
             if matches!(daemon.http("GET", "/-/ready"), Ok((200, _))) {
                 return daemon;
             }
-            assert!(Instant::now() < deadline, "daemon not ready within 10s: {}", daemon.logs());
+            assert!(
+                Instant::now() < deadline,
+                "daemon not ready within 10s: {}",
+                daemon.logs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -237,7 +255,11 @@ impl Daemon {
 
     /// Sends a signal to the daemon process.
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -265,7 +287,10 @@ impl Drop for Daemon {
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -288,12 +313,15 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
+/// Label pairs of one series.
+pub type Labels = Vec<(String, String)>;
+
 /// A parsed Prometheus text exposition.
 #[derive(Debug, Clone)]
 pub struct Scrape {
     /// The raw text.
     pub text: String,
-    samples: Vec<(String, Vec<(String, String)>, f64)>,
+    samples: Vec<(String, Labels, f64)>,
 }
 
 impl Scrape {
@@ -320,9 +348,7 @@ impl Scrape {
         let found: Vec<f64> = self
             .samples
             .iter()
-            .filter(|(n, ls, _)| {
-                n == name && labels.iter().all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v))
-            })
+            .filter(|(n, ls, _)| n == name && labels.iter().all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v)))
             .map(|(_, _, v)| *v)
             .collect();
         assert!(found.len() <= 1, "{name}{labels:?} matches {} series", found.len());
@@ -330,7 +356,7 @@ impl Scrape {
     }
 
     /// Every series of `name` with its labels.
-    pub fn series(&self, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+    pub fn series(&self, name: &str) -> Vec<(Labels, f64)> {
         self.samples
             .iter()
             .filter(|(n, _, _)| n == name)
@@ -340,11 +366,15 @@ impl Scrape {
 
     /// The lines of `name`, for failure messages.
     pub fn matching(&self, name: &str) -> String {
-        self.text.lines().filter(|l| l.starts_with(name)).collect::<Vec<_>>().join("\n")
+        self.text
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
-fn parse_labels(text: &str) -> Vec<(String, String)> {
+fn parse_labels(text: &str) -> Labels {
     let mut out = Vec::new();
     let mut rest = text;
     while let Some((key, after)) = rest.split_once("=\"") {
@@ -393,7 +423,8 @@ impl TestCa {
 
     /// A server certificate for `names`; `expired` puts its validity in the past.
     pub fn leaf(&self, names: &[&str], expired: bool) -> (Vec<u8>, Vec<u8>) {
-        let mut params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2021, 1, 1);
@@ -424,7 +455,9 @@ pub fn tls_server(cert: (Vec<u8>, Vec<u8>), banner: &'static [u8]) -> u16 {
             let config = config.clone();
             std::thread::spawn(move || {
                 let mut stream = stream;
-                let Ok(mut conn) = rustls::ServerConnection::new(config) else { return };
+                let Ok(mut conn) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
                 let mut tls = rustls::Stream::new(&mut conn, &mut stream);
                 let _ = tls.write_all(banner);
                 let _ = tls.flush();
