@@ -153,7 +153,9 @@ impl HttpProbe {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Failure::new(FailureReason::Protocol, format!("HTTP handshake: {e}")))?;
-        let conn = tokio::spawn(conn);
+        // The connection task must end with this run, also when the scheduler's
+        // timeout drops us mid-request: a hung server must not keep a socket.
+        let _conn = AbortOnDrop(tokio::spawn(conn));
         let host_header = match url.port_u16() {
             Some(p) => format!("{}:{p}", self.host),
             None => self.host.clone(),
@@ -185,7 +187,6 @@ impl HttpProbe {
             })
             .in_phase("transfer")?
             .to_bytes();
-        conn.abort();
         Ok((parts.status, parts.headers, body))
     }
 
@@ -223,6 +224,15 @@ impl HttpProbe {
             }
         }
         Ok(())
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
