@@ -43,7 +43,15 @@ pub struct DefaultsSpec {
     /// PEM file of extra CAs trusted besides the system roots (relative paths are
     /// relative to the check file).
     pub ca_file: Option<PathBuf>,
+    /// Most probe runs in flight at once, daemon-wide; 256 when omitted. Runs
+    /// beyond it wait for a slot, and their timeout starts when they get one.
+    pub max_concurrent_probes: Option<usize>,
 }
+
+/// Default for `defaults.max_concurrent_probes`: far above what a migration's
+/// checks run at once (a run takes ~100 ms every 30 s), yet 256 runs of at most
+/// a few sockets each stay well inside the usual 1024 file descriptor limit.
+pub const DEFAULT_MAX_CONCURRENT_PROBES: usize = 256;
 
 /// An environment: either pinned to addresses, or `live` through a resolver.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -95,6 +103,12 @@ pub enum KindSpec {
     Http(HttpSpec),
     /// A TCP connection, optionally with implicit TLS and a banner check.
     Tcp(TcpSpec),
+    /// An IMAP login: greeting, capabilities, STARTTLS, LOGIN, EXAMINE, LOGOUT.
+    Imap(ImapSpec),
+    /// An SMTP session: MX acceptance, authenticated submission or a relay check.
+    Smtp(SmtpSpec),
+    /// What each resolver answers for the records that move, against old and new.
+    Dns(DnsSpec),
 }
 
 impl KindSpec {
@@ -103,6 +117,9 @@ impl KindSpec {
         match self {
             KindSpec::Http(_) => "http",
             KindSpec::Tcp(_) => "tcp",
+            KindSpec::Imap(_) => "imap",
+            KindSpec::Smtp(_) => "smtp",
+            KindSpec::Dns(_) => "dns",
         }
     }
 }
@@ -158,12 +175,206 @@ pub struct TcpSpec {
     pub expect_banner: Option<Pattern>,
 }
 
+/// `kind: smtp`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpSpec {
+    /// Production hostname (resolved by `live`, used for TLS).
+    pub host: String,
+    /// Port; 25 for `mx` and `relay_check`, 587 for `submission`, 465 with `tls: implicit`.
+    pub port: Option<u16>,
+    /// What the session proves.
+    pub mode: SmtpMode,
+    /// How the session is encrypted; `starttls` (required to be offered) when omitted.
+    #[serde(default)]
+    pub tls: SmtpTls,
+    /// The name sent with EHLO; `cutover-monitor.invalid` when omitted.
+    pub helo: Option<String>,
+    /// Name of a `credentials` entry; required for `submission`.
+    pub credentials: Option<String>,
+    /// Envelope sender; the credential's username for `submission`, `<>` otherwise.
+    pub mail_from: Option<String>,
+    /// Envelope recipient: a local one that must be accepted (`mx`), an external
+    /// one that must be rejected (`relay_check`), or where to send one probe
+    /// message (`submission`, optional).
+    pub rcpt_to: Option<String>,
+    /// What the server must look like.
+    #[serde(default)]
+    pub expect: SmtpExpect,
+}
+
+/// What an `smtp` check proves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SmtpMode {
+    /// Inbound mail: a local recipient is accepted; nothing is sent.
+    Mx,
+    /// Users sending mail: AUTH succeeds, optionally one message is sent.
+    Submission,
+    /// An external recipient is rejected without AUTH (no open relay).
+    #[serde(alias = "relay-check")]
+    RelayCheck,
+}
+
+/// How an `smtp` session is encrypted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SmtpTls {
+    /// Plain connect, then STARTTLS, which must be offered and work.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (465).
+    Implicit,
+    /// No TLS at all; only when the check says so.
+    None,
+}
+
+/// Expectations on an SMTP server's greeting and capabilities.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpExpect {
+    /// Must match the text of the banner's first line (without the code).
+    pub banner: Option<Pattern>,
+    /// Must match the text of the EHLO reply's first line, the server's name.
+    pub ehlo: Option<Pattern>,
+    /// EHLO extensions that must be offered, e.g. `SIZE`, `8BITMIME`, `AUTH PLAIN`.
+    #[serde(default)]
+    pub extensions: Vec<String>,
+}
+
+/// `kind: imap`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImapSpec {
+    /// Production hostname (resolved by `live`, used for TLS).
+    pub host: String,
+    /// Port; 993 with `tls: implicit`, 143 otherwise.
+    pub port: Option<u16>,
+    /// How the session is encrypted; `implicit` (993) when omitted.
+    #[serde(default)]
+    pub tls: ImapTls,
+    /// Name of a `credentials` entry to log in with.
+    pub credentials: String,
+    /// How to log in; `login` when omitted.
+    #[serde(default)]
+    pub auth: ImapAuth,
+    /// Mailbox opened read-only (EXAMINE); `INBOX` when omitted.
+    #[serde(default = "default_mailbox")]
+    pub mailbox: String,
+    /// What the server and the mailbox must look like.
+    #[serde(default)]
+    pub expect: ImapExpect,
+}
+
+/// How an `imap` session is encrypted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ImapTls {
+    /// TLS from the first byte (993).
+    #[default]
+    Implicit,
+    /// Plain connect (143), then STARTTLS, which must be offered and work.
+    Starttls,
+    /// No TLS at all, password in clear; only when the check says so.
+    None,
+}
+
+/// How an `imap` check logs in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ImapAuth {
+    /// The LOGIN command.
+    #[default]
+    Login,
+    /// AUTHENTICATE PLAIN (SASL).
+    Plain,
+}
+
+/// Expectations on an IMAP server and mailbox.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImapExpect {
+    /// Must match the greeting's text (after `* OK` and any `[...]` code),
+    /// e.g. `Dovecot \(new\)` to prove which server answered.
+    pub greeting: Option<Pattern>,
+    /// Must match the capability list, space-separated, e.g. `AUTH=PLAIN`.
+    pub capability: Option<Pattern>,
+    /// Folders that must exist (LIST), e.g. `Sent`, `Trash`.
+    #[serde(default)]
+    pub folders: Vec<String>,
+    /// The mailbox must hold at least this many messages.
+    pub min_messages: Option<u64>,
+}
+
+fn default_mailbox() -> String {
+    "INBOX".into()
+}
+
 fn default_method() -> String {
     "GET".into()
 }
 
 fn default_redirects() -> u32 {
     5
+}
+
+/// `kind: dns`. Runs once per resolver, not per environment, so it takes no `envs`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSpec {
+    /// The resolvers to ask, by name (the `resolver` label), e.g. `authoritative: 192.0.2.53`.
+    pub resolvers: BTreeMap<String, IpAddr>,
+    /// The port every resolver listens on; 53 when omitted.
+    #[serde(default = "default_dns_port")]
+    pub port: u16,
+    /// The records to watch.
+    pub records: Vec<DnsRecordSpec>,
+}
+
+/// One record a `dns` check watches, with its values before and after the move.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DnsRecordSpec {
+    /// The name to ask for (the `record` label); a PTR may name an IP address.
+    pub name: String,
+    /// The record type.
+    #[serde(rename = "type")]
+    pub rtype: DnsRecordType,
+    /// Values before the move: an IP for A/AAAA, `10 mx.example.com` for MX, the
+    /// text for TXT, a name for CNAME/PTR, `PRIORITY WEIGHT PORT TARGET` for SRV.
+    #[serde(default)]
+    pub old: Vec<String>,
+    /// Values after the move, written like `old`.
+    #[serde(default)]
+    pub new: Vec<String>,
+    /// For A/AAAA: `old` and `new` are the addresses of the `old` and `new`
+    /// environments, written once in `environments`.
+    #[serde(default)]
+    pub expect_env_addresses: bool,
+}
+
+/// A record type a `dns` check can watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DnsRecordType {
+    /// IPv4 address.
+    A,
+    /// IPv6 address.
+    Aaaa,
+    /// Mail exchanger.
+    Mx,
+    /// Text (SPF, DKIM, verification tokens).
+    Txt,
+    /// Alias.
+    Cname,
+    /// Service location (e.g. `_imaps._tcp`).
+    Srv,
+    /// Reverse name.
+    Ptr,
+}
+
+fn default_dns_port() -> u16 {
+    53
 }
 
 /// Where a live environment resolves names.
@@ -375,6 +586,8 @@ pub struct Config {
     pub environments: Vec<Arc<Environment>>,
     /// Checks in file order.
     pub checks: Vec<LoadedCheck>,
+    /// Slots for probe runs in flight (`defaults.max_concurrent_probes`).
+    pub probe_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Config {
@@ -535,14 +748,35 @@ impl yaml_rust2::parser::MarkedEventReceiver for Indexer {
 }
 
 /// Collects errors while loading.
-struct Loader<'a> {
+///
+/// Also used for the web config file, so its errors read the same.
+pub(crate) struct Loader<'a> {
     file: &'a Path,
     positions: Positions,
     errors: Vec<ConfigError>,
 }
 
-impl Loader<'_> {
-    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+impl<'a> Loader<'a> {
+    /// A loader for `text`, read from `file`.
+    pub(crate) fn new(file: &'a Path, text: &str) -> Self {
+        Loader {
+            file,
+            positions: Positions::index(text),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Every error recorded so far.
+    pub(crate) fn finish(self) -> Result<(), ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+
+    /// Records a problem with `field`, at its position in the file.
+    pub(crate) fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
         let field = field.into();
         let (line, col) = self.positions.find(&field);
         self.errors.push(ConfigError {
@@ -555,7 +789,7 @@ impl Loader<'_> {
     }
 
     /// Deserializes one section, recording an error with its field path.
-    fn parse<T: DeserializeOwned>(&mut self, value: Value, at: &str) -> Option<T> {
+    pub(crate) fn parse<T: DeserializeOwned>(&mut self, value: Value, at: &str) -> Option<T> {
         match serde_path_to_error::deserialize(value) {
             Ok(v) => Some(v),
             Err(e) => {
@@ -586,7 +820,8 @@ impl Loader<'_> {
         }
     }
 
-    fn relative(&self, path: &Path) -> PathBuf {
+    /// `path` relative to the loaded file's directory, as users write them.
+    pub(crate) fn relative(&self, path: &Path) -> PathBuf {
         match self.file.parent() {
             Some(dir) if path.is_relative() => dir.join(path),
             _ => path.to_owned(),
@@ -644,11 +879,7 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Validates check-file text; `path` is used in messages and for relative paths.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    let mut l = Loader {
-        file: path,
-        positions: Positions::index(text),
-        errors: Vec::new(),
-    };
+    let mut l = Loader::new(path, text);
     let root: Value = match serde_yaml::from_str(text) {
         Ok(v) => v,
         Err(e) => {
@@ -685,15 +916,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let environments = load_environments(&mut l, root.remove("environments"));
     let credentials = load_credentials(&mut l, root.remove("credentials"));
     let checks = load_checks(&mut l, root.remove("checks"), &defaults, &environments, &credentials);
-    if l.errors.is_empty() {
-        Ok(Config {
-            path: path.to_owned(),
-            environments,
-            checks,
-        })
-    } else {
-        Err(ConfigErrors(l.errors))
+    let max_concurrent_probes = defaults.max_concurrent_probes.unwrap_or(DEFAULT_MAX_CONCURRENT_PROBES);
+    if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&max_concurrent_probes) {
+        l.error("defaults.max_concurrent_probes", "must be at least 1");
     }
+    l.finish()?;
+    Ok(Config {
+        path: path.to_owned(),
+        environments,
+        checks,
+        probe_slots: Arc::new(tokio::sync::Semaphore::new(max_concurrent_probes)),
+    })
 }
 
 fn entries(l: &mut Loader, value: Option<Value>, section: &str) -> Vec<(String, Value)> {
@@ -776,7 +1009,10 @@ fn load_credentials(l: &mut Loader, value: Option<Value>) -> Credentials {
             (None, Some(file)) => {
                 let file = l.relative(file);
                 match std::fs::read_to_string(&file) {
-                    Ok(p) => p.trim_end_matches(['\r', '\n']).to_string(),
+                    Ok(p) => {
+                        warn_if_readable_by_others(&file, &format!("credential `{name}`"));
+                        p.trim_end_matches(['\r', '\n']).to_string()
+                    }
                     Err(e) => {
                         l.error(
                             format!("{at}.password_file"),
@@ -803,6 +1039,21 @@ fn load_credentials(l: &mut Loader, value: Option<Value>) -> Credentials {
         );
     }
     out
+}
+
+/// Warns (naming the file, never its content) when a file holding a secret can
+/// be read by its group or by others: anyone on the monitoring host could log
+/// in as the probe account.
+pub(crate) fn warn_if_readable_by_others(file: &Path, what: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(file) else { return };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o044 != 0 {
+        tracing::warn!(
+            file = %file.display(), mode = format!("{mode:04o}"),
+            "{what}: secret file is readable by group or others; restrict it with `chmod 600`"
+        );
+    }
 }
 
 fn load_checks(
@@ -845,7 +1096,10 @@ fn load_checks(
             continue;
         };
         if kind_name.is_none() {
-            l.error(format!("{at}.kind"), "missing field `kind` (one of `http`, `tcp`)");
+            l.error(
+                format!("{at}.kind"),
+                "missing field `kind` (one of `http`, `tcp`, `smtp`, `imap`, `dns`)",
+            );
             continue;
         }
         let Some(kind) = l.parse::<KindSpec>(Value::Mapping(map), &at) else {
@@ -900,6 +1154,14 @@ fn load_checks(
             roots,
             kind,
         });
+        if matches!(check.kind, KindSpec::Dns(_)) && !common.envs.is_empty() {
+            // It runs once per resolver; its expected sets may still use every environment.
+            l.error(
+                format!("{at}.envs"),
+                "a `dns` check asks its own resolvers, not environments: remove `envs`",
+            );
+            continue;
+        }
         match probe::build(&check, credentials) {
             Ok(probe) => out.push(LoadedCheck { check, probe }),
             Err(e) => l.error(format!("{at}.{}", e.field), e.message),

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use prometheus::{Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::probe::Outcome;
+use crate::probe::dns::AnswerState;
 
 /// Name and help of every metric, in the order the README documents them.
 pub const CATALOG: &[(&str, &str)] = &[
@@ -37,6 +38,10 @@ pub const CATALOG: &[(&str, &str)] = &[
         "Failed probe runs of a check instance, by reason.",
     ),
     (
+        "cutover_probe_queue_wait_seconds",
+        "Time scheduled probe runs waited for a slot under `defaults.max_concurrent_probes` before starting (their timeout starts after it).",
+    ),
+    (
         "cutover_tls_cert_not_after_timestamp_seconds",
         "Unix time at which the certificate presented in the last run expires.",
     ),
@@ -57,6 +62,30 @@ pub const CATALOG: &[(&str, &str)] = &[
         "The last SMTP reply code seen at each step of the last run.",
     ),
     (
+        "cutover_dns_answer_state",
+        "What a resolver last answered for a record, against the expected sets: 1 for the current state (old, new, mixed, other, nodata, nxdomain, servfail, refused, timeout), 0 for the others.",
+    ),
+    (
+        "cutover_dns_answer_ttl_seconds",
+        "Lowest TTL in a resolver's last answer for a record (the negative-caching TTL for nxdomain and nodata).",
+    ),
+    (
+        "cutover_dns_query_duration_seconds",
+        "Duration of a resolver's last query for a record, including a retry over TCP.",
+    ),
+    (
+        "cutover_dns_answer_changes_total",
+        "Times a resolver's answer state for a record changed.",
+    ),
+    (
+        "cutover_dns_cutover_ratio",
+        "Fraction of a check's resolvers whose last answer for a record is `new`.",
+    ),
+    (
+        "cutover_dns_propagation_deadline_timestamp_seconds",
+        "Unix time by which every resolver still answering old (or mixed) will have expired it (its last-seen time plus TTL); once none does, the time the last one was seen to switch.",
+    ),
+    (
         "cutover_check_instances",
         "Check instances (check x environment x address) currently scheduled.",
     ),
@@ -73,6 +102,12 @@ pub const CATALOG: &[(&str, &str)] = &[
 
 /// Labels that identify one scheduled check instance.
 pub const INSTANCE_LABELS: [&str; 4] = ["check", "kind", "env", "address"];
+
+/// Labels of the per-resolver DNS series ([`Extra::DnsAnswer`]).
+const DNS_ANSWER_LABELS: [&str; 4] = ["check", "record", "type", "resolver"];
+const DNS_ANSWER_LABELS_STATE: [&str; 5] = ["check", "record", "type", "resolver", "state"];
+/// Labels of the cross-resolver DNS summaries ([`Extra::DnsSummary`]).
+const DNS_SUMMARY_LABELS: [&str; 3] = ["check", "record", "type"];
 
 /// A protocol-specific measurement a probe returns on its [`Outcome`].
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +126,72 @@ pub enum Extra {
         /// The reply code.
         code: u16,
     },
+    /// One resolver's answer for one record: `cutover_dns_answer_state`,
+    /// `_ttl_seconds`, `_changes_total` and `cutover_dns_query_duration_seconds`,
+    /// labelled `{check, record, type, resolver}` instead of the instance labels.
+    DnsAnswer {
+        /// The record's name as configured.
+        record: String,
+        /// Its type, e.g. `A`.
+        rtype: &'static str,
+        /// The resolver's name.
+        resolver: String,
+        /// How the answer compares with the expected sets.
+        state: AnswerState,
+        /// Lowest TTL in the answer; none without an answer.
+        ttl: Option<u32>,
+        /// Query duration in seconds.
+        seconds: f64,
+        /// Whether the UDP answer was truncated and the query repeated over TCP.
+        tcp: bool,
+        /// Whether the state differs from the resolver's previous one.
+        changed: bool,
+    },
+    /// A record's summary across the check's resolvers, labelled
+    /// `{check, record, type}`: every instance of the check publishes it, the
+    /// latest run wins.
+    DnsSummary {
+        /// The record's name as configured.
+        record: String,
+        /// Its type.
+        rtype: &'static str,
+        /// Resolvers asked so far.
+        resolvers: usize,
+        /// Of which answering `new`.
+        answering_new: usize,
+        /// `cutover_dns_propagation_deadline_timestamp_seconds`, when known.
+        deadline: Option<f64>,
+    },
+}
+
+impl Extra {
+    /// Whether `other` is published under the same labels, so a later run
+    /// updates its series instead of removing them (counters keep counting).
+    fn same_series(&self, other: &Extra) -> bool {
+        match (self, other) {
+            (
+                Extra::DnsAnswer {
+                    record,
+                    rtype,
+                    resolver,
+                    ..
+                },
+                Extra::DnsAnswer {
+                    record: r,
+                    rtype: t,
+                    resolver: s,
+                    ..
+                },
+            ) => (record, rtype, resolver) == (r, t, s),
+            (
+                Extra::DnsSummary { record, rtype, .. },
+                Extra::DnsSummary {
+                    record: r, rtype: t, ..
+                },
+            ) => (record, rtype) == (r, t),
+            _ => self == other,
+        }
+    }
 }
 
 /// One check instance's label values.
@@ -138,11 +239,18 @@ pub struct Metrics {
     last_run: GaugeVec,
     runs: IntCounterVec,
     failures: IntCounterVec,
+    queue_wait: prometheus::Histogram,
     cert_not_after: GaugeVec,
     cert_info: GaugeVec,
     live_env: GaugeVec,
     imap_messages: GaugeVec,
     smtp_code: GaugeVec,
+    dns_state: GaugeVec,
+    dns_ttl: GaugeVec,
+    dns_duration: GaugeVec,
+    dns_changes: IntCounterVec,
+    dns_ratio: GaugeVec,
+    dns_deadline: GaugeVec,
     instances: Gauge,
     reload_ok: Gauge,
     reload_ts: Gauge,
@@ -190,11 +298,18 @@ impl Metrics {
         )
         .expect("valid metric");
         registry.register(Box::new(duration.clone())).expect("unique metric");
+        let queue_wait = prometheus::Histogram::with_opts(
+            HistogramOpts::from(opts("cutover_probe_queue_wait_seconds"))
+                .buckets(vec![0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .expect("valid metric");
+        registry.register(Box::new(queue_wait.clone())).expect("unique metric");
         let build = gauge("cutover_build_info", &["version"]);
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
         Metrics {
             success: gauge("cutover_probe_success", &INSTANCE_LABELS),
             duration,
+            queue_wait,
             phase: gauge("cutover_probe_phase_duration_seconds", &with(&["phase"])),
             last_run: gauge("cutover_probe_last_run_timestamp_seconds", &INSTANCE_LABELS),
             runs: counter("cutover_probe_runs_total", &INSTANCE_LABELS),
@@ -207,6 +322,15 @@ impl Metrics {
             ),
             imap_messages: gauge("cutover_imap_mailbox_messages", &with(&["mailbox"])),
             smtp_code: gauge("cutover_smtp_last_reply_code", &with(&["step"])),
+            dns_state: gauge("cutover_dns_answer_state", &DNS_ANSWER_LABELS_STATE),
+            dns_ttl: gauge("cutover_dns_answer_ttl_seconds", &DNS_ANSWER_LABELS),
+            dns_duration: gauge("cutover_dns_query_duration_seconds", &DNS_ANSWER_LABELS),
+            dns_changes: counter("cutover_dns_answer_changes_total", &DNS_ANSWER_LABELS),
+            dns_ratio: gauge("cutover_dns_cutover_ratio", &DNS_SUMMARY_LABELS),
+            dns_deadline: gauge(
+                "cutover_dns_propagation_deadline_timestamp_seconds",
+                &DNS_SUMMARY_LABELS,
+            ),
             instances: single("cutover_check_instances"),
             reload_ok: single("cutover_config_last_reload_successful"),
             reload_ts: single("cutover_config_last_reload_success_timestamp_seconds"),
@@ -274,7 +398,7 @@ impl Metrics {
         t.cert = cert;
 
         for old in std::mem::take(&mut t.extras) {
-            if !outcome.extras.contains(&old) {
+            if !outcome.extras.iter().any(|e| e.same_series(&old)) {
                 self.remove_extra(inst, &old);
             }
         }
@@ -288,6 +412,7 @@ impl Metrics {
                     .smtp_code
                     .with_label_values(&inst.with(&[step]))
                     .set(f64::from(*code)),
+                Extra::DnsAnswer { .. } | Extra::DnsSummary { .. } => self.record_dns(&inst.check, extra),
             }
             t.extras.push(extra.clone());
         }
@@ -312,7 +437,92 @@ impl Metrics {
                 self.imap_messages.remove_label_values(&inst.with(&[mailbox]))
             }
             Extra::SmtpLastReplyCode { step, .. } => self.smtp_code.remove_label_values(&inst.with(&[step])),
+            Extra::DnsAnswer { .. } | Extra::DnsSummary { .. } => {
+                self.remove_dns(&inst.check, extra);
+                Ok(())
+            }
         };
+    }
+
+    /// The DNS series carry their own labels (record, type, resolver) in place
+    /// of the instance's env and address.
+    fn record_dns(&self, check: &str, extra: &Extra) {
+        match extra {
+            Extra::DnsAnswer {
+                record,
+                rtype,
+                resolver,
+                state,
+                ttl,
+                seconds,
+                changed,
+                ..
+            } => {
+                let labels = [check, record, rtype, resolver];
+                for s in AnswerState::ALL {
+                    self.dns_state
+                        .with_label_values(&[check, record, rtype, resolver, s.as_str()])
+                        .set(if s == *state { 1.0 } else { 0.0 });
+                }
+                match ttl {
+                    Some(ttl) => self.dns_ttl.with_label_values(&labels).set(f64::from(*ttl)),
+                    None => {
+                        let _ = self.dns_ttl.remove_label_values(&labels);
+                    }
+                }
+                self.dns_duration.with_label_values(&labels).set(*seconds);
+                let changes = self.dns_changes.with_label_values(&labels);
+                if *changed {
+                    changes.inc();
+                }
+            }
+            Extra::DnsSummary {
+                record,
+                rtype,
+                resolvers,
+                answering_new,
+                deadline,
+            } => {
+                let labels = [check, record, rtype];
+                let ratio = *answering_new as f64 / (*resolvers).max(1) as f64;
+                self.dns_ratio.with_label_values(&labels).set(ratio);
+                match deadline {
+                    Some(at) => self.dns_deadline.with_label_values(&labels).set(*at),
+                    None => {
+                        let _ = self.dns_deadline.remove_label_values(&labels);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Removes what [`Metrics::record_dns`] set. A summary shared by the
+    /// check's other instances comes back with their next run.
+    fn remove_dns(&self, check: &str, extra: &Extra) {
+        match extra {
+            Extra::DnsAnswer {
+                record,
+                rtype,
+                resolver,
+                ..
+            } => {
+                let labels = [check, record, rtype, resolver];
+                for s in AnswerState::ALL {
+                    let _ = self
+                        .dns_state
+                        .remove_label_values(&[check, record, rtype, resolver, s.as_str()]);
+                }
+                let _ = self.dns_ttl.remove_label_values(&labels);
+                let _ = self.dns_duration.remove_label_values(&labels);
+                let _ = self.dns_changes.remove_label_values(&labels);
+            }
+            Extra::DnsSummary { record, rtype, .. } => {
+                let _ = self.dns_ratio.remove_label_values(&[check, record, rtype]);
+                let _ = self.dns_deadline.remove_label_values(&[check, record, rtype]);
+            }
+            _ => {}
+        }
     }
 
     /// Removes every series of an instance that is no longer configured.
@@ -341,6 +551,11 @@ impl Metrics {
         if let Some([env, ip]) = t.resolved {
             let _ = self.live_env.remove_label_values(&[&inst.check, &inst.env, &env, &ip]);
         }
+    }
+
+    /// Records how long a scheduled run waited for a probe slot.
+    pub fn queue_waited(&self, waited: std::time::Duration) {
+        self.queue_wait.observe(waited.as_secs_f64());
     }
 
     /// Sets the number of scheduled instances.
@@ -455,5 +670,59 @@ mod tests {
         m.record(&inst(), &outcome(true, &["connect", "tls"]));
         m.forget(&inst());
         assert!(!m.encode().contains("127.0.0.20"), "{}", m.encode());
+    }
+
+    #[test]
+    fn dns_series_carry_their_own_labels_keep_counting_and_are_forgotten() {
+        let m = Metrics::new();
+        let lagging = Instance {
+            check: "dns".into(),
+            kind: "dns",
+            env: "lagging".into(),
+            address: "127.0.0.31".into(),
+        };
+        let run = |state, changed| {
+            let mut o = outcome(true, &["query"]);
+            o.extras = vec![
+                Extra::DnsAnswer {
+                    record: "imap.example.test".into(),
+                    rtype: "A",
+                    resolver: "lagging".into(),
+                    state,
+                    ttl: (state != AnswerState::Timeout).then_some(280),
+                    seconds: 0.002,
+                    tcp: false,
+                    changed,
+                },
+                Extra::DnsSummary {
+                    record: "imap.example.test".into(),
+                    rtype: "A",
+                    resolvers: 2,
+                    answering_new: 1,
+                    deadline: Some(1000.0),
+                },
+            ];
+            o
+        };
+        m.record(&lagging, &run(AnswerState::Old, false));
+        m.record(&lagging, &run(AnswerState::Timeout, true));
+        let text = m.encode();
+        let labels = "check=\"dns\",record=\"imap.example.test\",resolver=\"lagging\"";
+        let series = |name: &str, state: &str, value: u8| format!("{name}{{{labels}{state},type=\"A\"}} {value}");
+        for line in [
+            series("cutover_dns_answer_changes_total", "", 1),
+            series("cutover_dns_answer_state", ",state=\"timeout\"", 1),
+            series("cutover_dns_answer_state", ",state=\"old\"", 0),
+        ] {
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+        assert_eq!(text.matches("cutover_dns_answer_state{").count(), 9, "{text}");
+        assert!(!text.contains("cutover_dns_answer_ttl_seconds{"), "{text}");
+        assert!(
+            text.contains("cutover_dns_cutover_ratio{check=\"dns\",record=\"imap.example.test\",type=\"A\"} 0.5"),
+            "{text}"
+        );
+        m.forget(&lagging);
+        assert!(!m.encode().contains("imap.example.test"), "{}", m.encode());
     }
 }

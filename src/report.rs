@@ -5,6 +5,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
+use crate::metrics::Extra;
 use crate::probe::Outcome;
 use crate::scheduler::InstanceSpec;
 
@@ -44,6 +45,64 @@ pub struct Row {
     pub cert_sha256: Option<String>,
     /// Certificate expiry, Unix seconds.
     pub cert_not_after: Option<i64>,
+    /// For `dns` checks: what this resolver answered for each record.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<DnsRow>,
+}
+
+/// One record as one resolver answered it (a `dns` check instance).
+#[derive(Debug, Serialize)]
+pub struct DnsRow {
+    /// The record's name.
+    pub record: String,
+    /// Its type, e.g. `A`.
+    #[serde(rename = "type")]
+    pub rtype: &'static str,
+    /// `old`, `new`, `mixed`, `other`, `nodata`, `nxdomain`, `servfail`, `refused` or `timeout`.
+    pub state: &'static str,
+    /// Lowest TTL in the answer.
+    pub ttl_seconds: Option<u32>,
+    /// Query duration.
+    pub query_seconds: f64,
+    /// Whether the UDP answer was truncated and repeated over TCP.
+    pub tcp: bool,
+    /// When every resolver still answering old will have expired it, as known
+    /// after this answer (Unix seconds).
+    pub propagation_deadline: Option<f64>,
+}
+
+fn dns_rows(extras: &[Extra]) -> Vec<DnsRow> {
+    extras
+        .iter()
+        .filter_map(|e| match e {
+            Extra::DnsAnswer {
+                record,
+                rtype,
+                state,
+                ttl,
+                seconds,
+                tcp,
+                ..
+            } => Some(DnsRow {
+                record: record.clone(),
+                rtype,
+                state: state.as_str(),
+                ttl_seconds: *ttl,
+                query_seconds: *seconds,
+                tcp: *tcp,
+                propagation_deadline: extras.iter().find_map(|s| match s {
+                    Extra::DnsSummary {
+                        record: r,
+                        rtype: t,
+                        deadline,
+                        ..
+                    } if r == record && t == rtype => *deadline,
+                    _ => None,
+                }),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Pairs instances with their outcomes.
@@ -67,6 +126,7 @@ pub fn rows(specs: &[InstanceSpec], outcomes: &[Outcome]) -> Vec<Row> {
                 phases: o.phases.iter().map(|(p, d)| (*p, d.as_secs_f64())).collect(),
                 cert_sha256: o.cert.as_ref().map(|c| c.sha256.clone()),
                 cert_not_after: o.cert.as_ref().map(|c| c.not_after),
+                dns: dns_rows(&o.extras),
             }
         })
         .collect()
@@ -132,6 +192,7 @@ pub fn table(rows: &[Row]) -> String {
     for row in &cells {
         line(&mut out, &row.each_ref().map(String::as_str));
     }
+    out.push_str(&dns_table(rows));
     let failed = rows.iter().filter(|r| !r.success).count();
     let _ = writeln!(
         out,
@@ -140,4 +201,82 @@ pub fn table(rows: &[Row]) -> String {
         rows.len()
     );
     out
+}
+
+/// The DNS answers of `dns` checks, record x resolver, then per record how many
+/// resolvers answer new and until when old answers may still be cached.
+fn dns_table(rows: &[Row]) -> String {
+    let mut answers: Vec<(&Row, &DnsRow)> = rows.iter().flat_map(|r| r.dns.iter().map(move |d| (r, d))).collect();
+    if answers.is_empty() {
+        return String::new();
+    }
+    // Per record, in the order first seen; resolvers in check order within.
+    let mut records: Vec<(&str, &str, &str)> = Vec::new();
+    for (r, d) in &answers {
+        let key = (r.check.as_str(), d.record.as_str(), d.rtype);
+        if !records.contains(&key) {
+            records.push(key);
+        }
+    }
+    let position = |r: &Row, d: &DnsRow| {
+        records
+            .iter()
+            .position(|k| *k == (r.check.as_str(), d.record.as_str(), d.rtype))
+    };
+    answers.sort_by_key(|(r, d)| position(r, d));
+    let head = ["DNS RECORD", "TYPE", "RESOLVER", "STATE", "TTL", "QUERY"];
+    let cells: Vec<[String; 6]> = answers
+        .iter()
+        .map(|(r, d)| {
+            [
+                format!("{}/{}", r.check, d.record),
+                d.rtype.to_string(),
+                r.env.clone(),
+                d.state.to_string(),
+                d.ttl_seconds.map_or("-".into(), |t| format!("{t}s")),
+                format!("{:.3}s{}", d.query_seconds, if d.tcp { " (tcp)" } else { "" }),
+            ]
+        })
+        .collect();
+    let mut widths = head.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::from("\n");
+    for row in std::iter::once(head.map(String::from)).chain(cells) {
+        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    for (check, record, rtype) in records {
+        let same: Vec<&DnsRow> = answers
+            .iter()
+            .filter(|(r, d)| r.check == check && d.record == record && d.rtype == rtype)
+            .map(|(_, d)| *d)
+            .collect();
+        let new = same.iter().filter(|d| d.state == "new").count();
+        let _ = write!(
+            out,
+            "{check}/{record} {rtype}: {new} of {} resolvers answer new",
+            same.len()
+        );
+        // Every instance's summary only adds resolvers seen serving old: the latest is the largest.
+        let deadline = same.iter().filter_map(|d| d.propagation_deadline).reduce(f64::max);
+        let serving_old = same.iter().any(|d| d.state == "old" || d.state == "mixed");
+        match deadline {
+            Some(at) if serving_old => {
+                let _ = write!(out, "; old answers cached until {}", timestamp(at));
+            }
+            _ => {}
+        }
+        out.push('\n');
+    }
+    out.push('\n');
+    out
+}
+
+fn timestamp(unix: f64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(unix.max(0.0));
+    humantime::format_rfc3339_seconds(at).to_string()
 }

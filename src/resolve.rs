@@ -41,6 +41,27 @@ pub async fn query(
     rtype: RecordType,
     timeout: Duration,
 ) -> Result<Message, QueryError> {
+    query_transport(server, name, rtype, timeout)
+        .await
+        .map(|(reply, _)| reply)
+}
+
+/// How a reply arrived, for the DNS probe's report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The UDP reply was complete.
+    Udp,
+    /// The UDP reply was truncated; the query was repeated over TCP.
+    Tcp,
+}
+
+/// [`query`], also saying whether the reply came over TCP.
+pub async fn query_transport(
+    server: SocketAddr,
+    name: &str,
+    rtype: RecordType,
+    timeout: Duration,
+) -> Result<(Message, Transport), QueryError> {
     let name = Name::from_utf8(name).map_err(|e| QueryError::Malformed(format!("invalid name {name:?}: {e}")))?;
     let id: u16 = rand_id();
     let mut request = Message::new(id, MessageType::Query, OpCode::Query);
@@ -50,9 +71,9 @@ pub async fn query(
     let exchange = async {
         let reply = over_udp(server, &bytes, id).await?;
         if reply.metadata.truncation {
-            over_tcp(server, &bytes).await
+            Ok((over_tcp(server, &bytes).await?, Transport::Tcp))
         } else {
-            Ok(reply)
+            Ok((reply, Transport::Udp))
         }
     };
     tokio::time::timeout(timeout, exchange)

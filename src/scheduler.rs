@@ -1,6 +1,7 @@
 //! When probes run: one task per check instance (check x environment x address),
 //! each on its own interval at a stable offset, never overlapping itself and
-//! never waiting for another instance.
+//! never waiting for another instance. A probe with its own servers (DNS
+//! resolvers) runs once per server instead, the server's name in `env`.
 //!
 //! Results are published to [`Metrics`] as they arrive; scraping never runs a
 //! probe. The log gets one line per state change of an instance (up, down, or
@@ -47,6 +48,22 @@ pub fn instances(config: &Config) -> Vec<InstanceSpec> {
     let mut out = Vec::new();
     for loaded in &config.checks {
         let check = &loaded.check;
+        // One instance per resolver, so a silent one never delays the others.
+        if let Some(servers) = loaded.probe.own_targets() {
+            for (name, ip) in servers {
+                out.push(InstanceSpec {
+                    inst: Instance {
+                        check: check.name.clone(),
+                        kind: check.kind.name(),
+                        env: name,
+                        address: ip.to_string(),
+                    },
+                    check: loaded.clone(),
+                    target: Target::Pinned(ip),
+                });
+            }
+            continue;
+        }
         for env in &check.envs {
             let targets: Vec<(String, Target)> = match &env.kind {
                 EnvKind::Pinned(addrs) => addrs.iter().map(|ip| (ip.to_string(), Target::Pinned(*ip))).collect(),
@@ -71,6 +88,25 @@ pub fn instances(config: &Config) -> Vec<InstanceSpec> {
 
 /// Runs one instance once, within its check's timeout.
 pub async fn run_once(spec: &InstanceSpec, config: &Config) -> Outcome {
+    run_queued(spec, config).await.0
+}
+
+/// Waits for a probe slot (`defaults.max_concurrent_probes`), then runs. The
+/// timeout starts once the slot is granted, so a run is never failed for time
+/// spent behind others; that wait is returned for `cutover_probe_queue_wait_seconds`.
+/// The cap keeps a thousand hung targets from exhausting file descriptors.
+async fn run_queued(spec: &InstanceSpec, config: &Config) -> (Outcome, Duration) {
+    let queued = Instant::now();
+    let _slot = config
+        .probe_slots
+        .acquire()
+        .await
+        .expect("probe slots are never closed");
+    let waited = queued.elapsed();
+    (run_admitted(spec, config).await, waited)
+}
+
+async fn run_admitted(spec: &InstanceSpec, config: &Config) -> Outcome {
     let timeout = spec.check.check.timeout;
     let started_at = crate::unix_now();
     let start = Instant::now();
@@ -262,7 +298,8 @@ async fn instance_loop(spec: InstanceSpec, config: Arc<Config>, shared: Arc<Shar
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         ticker.tick().await;
-        let outcome = run_once(&spec, &config).await;
+        let (outcome, waited) = run_queued(&spec, &config).await;
+        shared.metrics.queue_waited(waited);
         shared.publish(&spec.inst, outcome);
     }
 }

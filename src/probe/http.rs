@@ -240,6 +240,8 @@ fn hyper_failure(e: hyper::Error) -> Failure {
     let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
     match io {
         Some(io) => Failure::io(io),
+        // A status line or header block beyond hyper's buffer limit (~400 KiB).
+        None if e.is_parse_too_large() => Failure::new(FailureReason::Oversize, format!("HTTP: {e}")),
         None if e.is_parse() || e.is_incomplete_message() => {
             Failure::new(FailureReason::Protocol, format!("HTTP: {e}"))
         }

@@ -9,7 +9,10 @@
 //! Adding a protocol: one file here implementing [`Probe`], its spec in
 //! `config.rs`, and one arm in [`build`].
 
+pub mod dns;
 pub mod http;
+pub mod imap;
+pub mod smtp;
 pub mod tcp;
 pub mod tls;
 
@@ -32,15 +35,24 @@ pub trait Probe: Send + Sync + 'static {
     /// Probe `ip` once. Time each step with [`Run::phase`]; the scheduler adds
     /// the overall timeout, so a probe never needs its own deadline.
     fn run<'a>(&'a self, ip: IpAddr, run: &'a mut Run) -> BoxFuture<'a, Result<(), Failure>>;
+
+    /// For probes that ask their own servers (DNS resolvers) instead of an
+    /// environment's addresses: `(name, address)` of each. The scheduler then
+    /// runs one instance per server, named by `env`, instead of per environment.
+    fn own_targets(&self) -> Option<Vec<(String, IpAddr)>> {
+        None
+    }
 }
 
 /// Builds the probe for a check. Errors name the field (relative to the check)
 /// and are reported with the check's position by the config loader.
 pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>, FieldError> {
-    let _ = credentials;
     Ok(match &check.kind {
         KindSpec::Http(spec) => Arc::new(http::HttpProbe::new(spec, check)?),
         KindSpec::Tcp(spec) => Arc::new(tcp::TcpProbe::new(spec, check)?),
+        KindSpec::Imap(spec) => Arc::new(imap::ImapProbe::new(spec, check, credentials)?),
+        KindSpec::Smtp(spec) => Arc::new(smtp::SmtpProbe::new(spec, check, credentials)?),
+        KindSpec::Dns(spec) => Arc::new(dns::DnsProbe::new(spec, check)?),
     })
 }
 

@@ -248,6 +248,21 @@ impl Daemon {
         }
     }
 
+    /// Waits until `pred` holds for a scrape; panics naming `what` otherwise.
+    pub fn wait_until(&self, what: &str, pred: impl Fn(&Scrape) -> bool, timeout: Duration) -> Scrape {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let scrape = self.scrape();
+            if pred(&scrape) {
+                return scrape;
+            }
+            if Instant::now() > deadline {
+                panic!("{what}: not within {timeout:?}\n{}\nlog:\n{}", scrape.text, self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// POST /-/reload; returns (status, body).
     pub fn reload(&self) -> (u16, String) {
         self.http("POST", "/-/reload").expect("reload request")
@@ -353,6 +368,15 @@ impl Scrape {
             .collect();
         assert!(found.len() <= 1, "{name}{labels:?} matches {} series", found.len());
         found.first().copied()
+    }
+
+    /// The sum over every series of `name` carrying (at least) `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, ls, _)| n == name && labels.iter().all(|(k, v)| ls.iter().any(|(lk, lv)| lk == k && lv == v)))
+            .map(|(_, _, v)| *v)
+            .sum()
     }
 
     /// Every series of `name` with its labels.

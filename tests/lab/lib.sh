@@ -181,6 +181,8 @@ write_zone() {
     printf '@ SOA ns.example.test. hostmaster.example.test. %s 3600 600 86400 300\n' "$serial"
     printf '@ NS ns.example.test.\nns A 127.0.0.30\n@ MX 10 mx.example.test.\n'
     printf '@ TXT "v=spf1%s -all"\n' "$(printf ' ip4:%s' $ips)"
+    # Too large for a 512-byte UDP answer: tests of the DNS probe's TCP retry.
+    printf 'big TXT "chunk-%02d-abcdefghijklmnopqrstuvwxyz-0123456789-abcdefghijklmnopqrstuvwxyz"\n' {1..12}
     for name in "${NAMES[@]}"; do
       for ip in $ips; do printf '%s A %s\n' "$name" "$ip"; done
     done
