@@ -109,6 +109,10 @@ pub enum KindSpec {
     Smtp(SmtpSpec),
     /// What each resolver answers for the records that move, against old and new.
     Dns(DnsSpec),
+    /// SPF, PTR/FCrDNS, DKIM and DMARC records, evaluated for every outbound address.
+    MailAuth(MailAuthSpec),
+    /// End-to-end mail flow: one probe mail per interval, found again over IMAP.
+    Mailflow(MailflowSpec),
 }
 
 impl KindSpec {
@@ -120,6 +124,8 @@ impl KindSpec {
             KindSpec::Imap(_) => "imap",
             KindSpec::Smtp(_) => "smtp",
             KindSpec::Dns(_) => "dns",
+            KindSpec::MailAuth(_) => "mail_auth",
+            KindSpec::Mailflow(_) => "mailflow",
         }
     }
 }
@@ -377,6 +383,27 @@ fn default_dns_port() -> u16 {
     53
 }
 
+/// `kind: mail_auth`. Runs once per check and evaluates every outbound
+/// environment in that run, so it takes `outbound` instead of `envs`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MailAuthSpec {
+    /// The mail domain whose records are checked, e.g. `example.com`.
+    pub domain: String,
+    /// The DNS server asked for every record: `IP` or `IP:port`.
+    pub resolver: ResolverAddr,
+    /// Environments whose addresses send mail; every pinned one when omitted.
+    #[serde(default)]
+    pub outbound: Vec<String>,
+    /// Environments whose addresses must get SPF `pass`, or the check fails;
+    /// `[new]` when omitted (and there is a `new` environment).
+    pub require_pass: Option<Vec<String>>,
+    /// DKIM selector whose key record (`<selector>._domainkey.<domain>`) must exist.
+    pub dkim_selector: Option<String>,
+    /// The outbound servers' HELO name, for SPF's `%{h}` macro; the domain when omitted.
+    pub helo: Option<String>,
+}
+
 /// Where a live environment resolves names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResolverAddr {
@@ -408,6 +435,79 @@ impl JsonSchema for ResolverAddr {
     fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         schemars::json_schema!({"type": "string", "description": "`system`, `IP` or `IP:port`"})
     }
+}
+
+/// Default time between two probe mails of a `mailflow` check: mail is heavier
+/// than a login, so it does not inherit `defaults.interval`.
+pub const DEFAULT_MAILFLOW_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `kind: mailflow`: a route. Each environment of the check sends one probe
+/// mail per interval (`live` through whatever DNS hands out); the watched
+/// mailboxes find it again.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MailflowSpec {
+    /// How each probe mail is sent.
+    pub send: MailflowSend,
+    /// Mailboxes where probe mails may land; watch old AND new during the switch.
+    pub watch: Vec<MailflowWatch>,
+    /// A mail not seen after this long counts as late; `2m` when omitted.
+    pub late_after: Option<Dur>,
+    /// A mail not seen after this long counts as lost; `15m` when omitted.
+    pub lost_after: Option<Dur>,
+    /// Finished ledger entries older than this are pruned; `7d` when omitted.
+    pub retention: Option<Dur>,
+    /// File with the key that signs probe markers; generated into the storage
+    /// directory when neither this nor `hmac_key_env` is set.
+    pub hmac_key_file: Option<PathBuf>,
+    /// Environment variable with the marker key.
+    pub hmac_key_env: Option<String>,
+}
+
+/// How a `mailflow` check sends.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MailflowSend {
+    /// `submission` (AUTH, 587/465) or `mx` (no AUTH, port 25, local recipient).
+    pub mode: SmtpMode,
+    /// Production hostname of the SMTP server (resolved by `live`, used for TLS).
+    pub host: String,
+    /// Port; 587 for `submission`, 25 for `mx`, 465 with `tls: implicit`.
+    pub port: Option<u16>,
+    /// How the session is encrypted; `starttls` when omitted.
+    #[serde(default)]
+    pub tls: SmtpTls,
+    /// Name of a `credentials` entry; required for `submission`.
+    pub credentials: Option<String>,
+    /// Envelope and header sender; the credential's username when omitted.
+    pub from: Option<String>,
+    /// The recipient whose mailbox is watched.
+    pub to: String,
+}
+
+/// One mailbox a `mailflow` check watches.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MailflowWatch {
+    /// A pinned environment: its first address is where the watcher connects,
+    /// and its name is the `delivered_env` label.
+    pub env: String,
+    /// Production hostname of the IMAP server (for TLS).
+    pub host: String,
+    /// Port; 993 with `tls: implicit`, 143 otherwise.
+    pub port: Option<u16>,
+    /// How the session is encrypted; `implicit` when omitted.
+    #[serde(default)]
+    pub tls: ImapTls,
+    /// Name of a `credentials` entry to log in with.
+    pub credentials: String,
+    /// The mailbox probe mails land in; `INBOX` when omitted.
+    #[serde(default = "default_mailbox")]
+    pub mailbox: String,
+    /// The environment's addresses, filled in by the loader.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub addresses: Vec<IpAddr>,
 }
 
 /// A duration written as `30s`, `2m` or `1h30m`; bare numbers are refused
@@ -482,6 +582,7 @@ struct FileSchema {
     defaults: Option<DefaultsSpec>,
     environments: BTreeMap<String, EnvironmentSpec>,
     credentials: Option<BTreeMap<String, CredentialSpec>>,
+    migration: Option<crate::migration::MigrationSpec>,
     checks: Vec<CheckSchema>,
 }
 
@@ -509,6 +610,11 @@ pub fn json_schema() -> serde_json::Value {
 pub struct Secret(String);
 
 impl Secret {
+    /// Wraps a secret read outside the check file (the `phase` command's web password).
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
     /// The value, for handing to a protocol library. Never format it.
     pub fn expose(&self) -> &str {
         &self.0
@@ -588,6 +694,10 @@ pub struct Config {
     pub checks: Vec<LoadedCheck>,
     /// Slots for probe runs in flight (`defaults.max_concurrent_probes`).
     pub probe_slots: Arc<tokio::sync::Semaphore>,
+    /// The migration's phases (`migration`); empty without that section.
+    pub migration: crate::migration::Migration,
+    /// Credential usernames, so status surfaces can blank them out of server replies.
+    pub usernames: Vec<String>,
 }
 
 impl Config {
@@ -899,11 +1009,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     };
     for key in root.keys() {
         match key.as_str() {
-            Some("defaults" | "environments" | "credentials" | "checks") => {}
+            Some("defaults" | "environments" | "credentials" | "checks" | "migration") => {}
             other => l.error(
                 other.unwrap_or("?"),
                 format!(
-                    "unknown section `{}`, expected one of `defaults`, `environments`, `credentials`, `checks`",
+                    "unknown section `{}`, expected one of `defaults`, `environments`, `credentials`, `checks`, `migration`",
                     other.unwrap_or("?")
                 ),
             ),
@@ -916,6 +1026,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let environments = load_environments(&mut l, root.remove("environments"));
     let credentials = load_credentials(&mut l, root.remove("credentials"));
     let checks = load_checks(&mut l, root.remove("checks"), &defaults, &environments, &credentials);
+    let migration = crate::migration::load(&mut l, root.remove("migration"), &environments);
     let max_concurrent_probes = defaults.max_concurrent_probes.unwrap_or(DEFAULT_MAX_CONCURRENT_PROBES);
     if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&max_concurrent_probes) {
         l.error("defaults.max_concurrent_probes", "must be at least 1");
@@ -926,6 +1037,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         environments,
         checks,
         probe_slots: Arc::new(tokio::sync::Semaphore::new(max_concurrent_probes)),
+        migration,
+        usernames: credentials.values().map(|c| c.username.clone()).collect(),
     })
 }
 
@@ -1098,17 +1211,39 @@ fn load_checks(
         if kind_name.is_none() {
             l.error(
                 format!("{at}.kind"),
-                "missing field `kind` (one of `http`, `tcp`, `smtp`, `imap`, `dns`)",
+                "missing field `kind` (one of `http`, `tcp`, `smtp`, `imap`, `dns`, `mail_auth`, `mailflow`)",
             );
             continue;
         }
-        let Some(kind) = l.parse::<KindSpec>(Value::Mapping(map), &at) else {
+        let Some(mut kind) = l.parse::<KindSpec>(Value::Mapping(map), &at) else {
             continue;
         };
+        if let KindSpec::Mailflow(spec) = &mut kind {
+            // Watchers connect to a pinned environment's address.
+            for (j, w) in spec.watch.iter_mut().enumerate() {
+                match environments.iter().find(|e| e.name == w.env).map(|e| &e.kind) {
+                    Some(EnvKind::Pinned(addrs)) => w.addresses = addrs.clone(),
+                    Some(EnvKind::Live(_)) => l.error(
+                        format!("{at}.watch[{j}].env"),
+                        format!(
+                            "`{}` follows DNS: watch pinned environments (old, new), where mail lands",
+                            w.env
+                        ),
+                    ),
+                    None => l.error(
+                        format!("{at}.watch[{j}].env"),
+                        format!("unknown environment `{}`", w.env),
+                    ),
+                }
+            }
+        }
         if !seen.insert(common.name.clone()) {
             l.error(format!("{at}.name"), format!("duplicate check name `{}`", common.name));
         }
-        let interval = common.interval.or(defaults.interval).map_or(DEFAULT_INTERVAL, |d| d.0);
+        let interval = match kind {
+            KindSpec::Mailflow(_) => common.interval.map_or(DEFAULT_MAILFLOW_INTERVAL, |d| d.0),
+            _ => common.interval.or(defaults.interval).map_or(DEFAULT_INTERVAL, |d| d.0),
+        };
         let timeout = common.timeout.or(defaults.timeout).map_or(DEFAULT_TIMEOUT, |d| d.0);
         if interval.is_zero() {
             l.error(format!("{at}.interval"), "must be above 0s");

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use cutover_monitor::{config, daemon, report, scheduler};
+use cutover_monitor::{client, config, daemon, migration, report, scheduler};
+use hyper::Method;
 
 /// Watches a mail service's old and new environments side by side during a
 /// migration, plus the live view DNS hands out, and exports Prometheus metrics.
@@ -34,6 +35,22 @@ enum OutputFormat {
     Json,
 }
 
+const PHASES: [&str; 4] = ["preparation", "window", "switched", "decommission"];
+
+#[derive(Subcommand)]
+enum PhaseAction {
+    /// Print the phase in force and its go/no-go answers.
+    Show,
+    /// Set the phase by hand; it wins over the clock until `phase clear` (kept until the daemon restarts).
+    Set {
+        /// The phase.
+        #[arg(value_parser = PHASES)]
+        phase: String,
+    },
+    /// Remove the manual phase: the clock rules again.
+    Clear,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon: probe on schedule and serve /metrics.
@@ -44,6 +61,15 @@ enum Command {
         /// Address to serve /metrics and the other endpoints on.
         #[arg(long = "web.listen-address", default_value = "127.0.0.1:9839")]
         listen: SocketAddr,
+        /// TLS and basic auth for the endpoints, in the Prometheus exporter-toolkit format.
+        #[arg(long = "web.config.file")]
+        web_config_file: Option<PathBuf>,
+        /// Serve endpoints that change state (POST /-/reload); off by default, SIGHUP always reloads.
+        #[arg(long = "web.enable-lifecycle")]
+        enable_lifecycle: bool,
+        /// Directory of the mail ledger (`mailflow` checks); created when needed.
+        #[arg(long = "storage.path", default_value = "./data")]
+        storage_path: PathBuf,
     },
     /// Run the selected checks once and print the results (exit 0 all OK, 2 any failing, 3 could not run).
     Check {
@@ -59,12 +85,29 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
+        /// Judge go/no-go as if in this migration phase (default: the phase the clock gives).
+        #[arg(long, value_parser = PHASES)]
+        phase: Option<String>,
+    },
+    /// Show or set the migration phase of a running daemon, through its API.
+    Phase {
+        #[command(subcommand)]
+        action: PhaseAction,
+        /// Where the daemon serves HTTP.
+        #[arg(long = "web.listen-address", default_value = "127.0.0.1:9839", global = true)]
+        listen: SocketAddr,
+        /// Basic-auth user, when the daemon's web config asks for one (password in CUTOVER_WEB_PASSWORD).
+        #[arg(long = "web.username", global = true)]
+        username: Option<String>,
     },
     /// Report every problem in a check file, each as file:line:col: field: message.
     Validate {
         /// The check file.
         #[arg(long = "config.file", default_value = "checks/lab.yaml")]
         config_file: PathBuf,
+        /// A web config file to check as well.
+        #[arg(long = "web.config.file")]
+        web_config_file: Option<PathBuf>,
     },
     /// Print the JSON Schema of the check file, for editors.
     Schema,
@@ -79,7 +122,19 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
     match cli.command {
-        Command::Run { config_file, listen } => match runtime.block_on(daemon::run(config_file, listen)) {
+        Command::Run {
+            config_file,
+            listen,
+            web_config_file,
+            enable_lifecycle,
+            storage_path,
+        } => match runtime.block_on(daemon::run(daemon::Options {
+            config_file,
+            listen,
+            web_config_file,
+            enable_lifecycle,
+            storage_path,
+        })) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("cutover-monitor: {e:#}");
@@ -91,17 +146,39 @@ fn main() -> ExitCode {
             env,
             check,
             format,
-        } => ExitCode::from(runtime.block_on(run_check(config_file, env, check, format)) as u8),
-        Command::Validate { config_file } => match config::load(&config_file) {
-            Ok(c) => {
-                println!("{}: OK, {} checks", config_file.display(), c.checks.len());
-                ExitCode::SUCCESS
-            }
-            Err(errors) => {
-                eprintln!("{errors}");
+            phase,
+        } => ExitCode::from(runtime.block_on(run_check(config_file, env, check, format, phase)) as u8),
+        Command::Phase {
+            action,
+            listen,
+            username,
+        } => match runtime.block_on(run_phase(action, listen, username)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cutover-monitor: {e}");
                 ExitCode::FAILURE
             }
         },
+        Command::Validate {
+            config_file,
+            web_config_file,
+        } => {
+            let checks = config::load(&config_file);
+            let web = daemon::load_web(web_config_file.as_deref());
+            for errors in [checks.as_ref().err(), web.as_ref().err()].into_iter().flatten() {
+                eprintln!("{errors}");
+            }
+            match (checks, web, web_config_file) {
+                (Ok(c), Ok(_), web_file) => {
+                    println!("{}: OK, {} checks", config_file.display(), c.checks.len());
+                    if let Some(web_file) = web_file {
+                        println!("{}: OK", web_file.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::FAILURE,
+            }
+        }
         Command::Schema => {
             println!("{:#}", config::json_schema());
             ExitCode::SUCCESS
@@ -109,7 +186,13 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run_check(config_file: PathBuf, envs: Vec<String>, checks: Vec<String>, format: OutputFormat) -> i32 {
+async fn run_check(
+    config_file: PathBuf,
+    envs: Vec<String>,
+    checks: Vec<String>,
+    format: OutputFormat,
+    phase: Option<String>,
+) -> i32 {
     let config = match config::load(&config_file) {
         Ok(c) => c,
         Err(errors) => {
@@ -132,15 +215,72 @@ async fn run_check(config_file: PathBuf, envs: Vec<String>, checks: Vec<String>,
         OutputFormat::Table => print!("{}", report::table(&rows)),
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialize")),
     }
+    if matches!(format, OutputFormat::Table) && (phase.is_some() || !config.migration.phases.is_empty()) {
+        let now = cutover_monitor::unix_now();
+        let mut current = config.migration.current(None, now);
+        if let Some(p) = phase.and_then(|p| p.parse::<migration::Phase>().ok()) {
+            current = config
+                .migration
+                .current(Some(migration::Manual { phase: p, since: now }), now);
+            current.source = migration::Source::Assumed;
+        }
+        let seen: Vec<_> = specs
+            .iter()
+            .zip(&outcomes)
+            .map(|(s, o)| migration::observe(&config, &s.inst, Some(o)))
+            .collect();
+        let mail = if config.checks.iter().any(|c| c.check.kind.name() == "mailflow") {
+            migration::MailEvidence::OneShot
+        } else {
+            migration::MailEvidence::Unconfigured
+        };
+        let verdicts = migration::verdicts(&config.migration, &current, &seen, &mail, now);
+        print!("{}", report::go_no_go(&current, &verdicts));
+    }
     report::exit_code(&rows)
+}
+
+/// `phase show|set|clear`: one call to the running daemon's API.
+async fn run_phase(action: PhaseAction, listen: SocketAddr, username: Option<String>) -> Result<(), String> {
+    let daemon = client::Daemon::new(listen, username)?;
+    let (method, path, body) = match &action {
+        PhaseAction::Show => (Method::GET, "/api/v1/status", None),
+        PhaseAction::Set { phase } => (
+            Method::POST,
+            "/api/v1/phase",
+            Some(serde_json::json!({ "phase": phase })),
+        ),
+        PhaseAction::Clear => (Method::DELETE, "/api/v1/phase", None),
+    };
+    let (status, text) = daemon
+        .call(method, path, body.as_ref())
+        .await
+        .map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("the daemon at {listen} answered {status}: {}", text.trim()));
+    }
+    let bad = |e: serde_json::Error| format!("the daemon at {listen} sent an unexpected answer: {e}");
+    let out = match action {
+        PhaseAction::Show => {
+            let status: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
+            let current: migration::Current = serde_json::from_value(status["phase"].clone()).map_err(bad)?;
+            let verdicts: Vec<migration::Verdict> = serde_json::from_value(status["verdicts"].clone()).map_err(bad)?;
+            report::go_no_go(&current, &verdicts)
+        }
+        _ => report::go_no_go(&serde_json::from_str(&text).map_err(bad)?, &[]),
+    };
+    print!("{}", out.trim_start());
+    Ok(())
 }
 
 fn init_logging(level: &str, format: LogFormat) {
     // Third-party crates stay at warn whatever the level: protocol libraries
     // trace their sessions, and those can carry credentials.
     let filter = tracing_subscriber::EnvFilter::new(format!("warn,cutover_monitor={level}"));
+    // Colours only on a terminal: in a file or the journal they are raw escapes.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -13,6 +13,7 @@ use prometheus::{Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCount
 
 use crate::probe::Outcome;
 use crate::probe::dns::AnswerState;
+use crate::probe::mail_auth::SpfVerdict;
 
 /// Name and help of every metric, in the order the README documents them.
 pub const CATALOG: &[(&str, &str)] = &[
@@ -86,8 +87,24 @@ pub const CATALOG: &[(&str, &str)] = &[
         "Unix time by which every resolver still answering old (or mixed) will have expired it (its last-seen time plus TTL); once none does, the time the last one was seen to switch.",
     ),
     (
+        "cutover_spf_result",
+        "SPF verdict of a domain's policy for an outbound address of an environment: 1 for the current result (pass, fail, softfail, neutral, none, permerror, temperror), 0 for the others.",
+    ),
+    (
+        "cutover_ptr_ok",
+        "Whether an outbound address has a reverse name (PTR) that resolves back to it (FCrDNS).",
+    ),
+    (
+        "cutover_dkim_record_ok",
+        "Whether the DKIM key record of a selector exists and parses.",
+    ),
+    (
+        "cutover_dmarc_record_ok",
+        "Whether a domain's DMARC record exists and parses.",
+    ),
+    (
         "cutover_check_instances",
-        "Check instances (check x environment x address) currently scheduled.",
+        "Check instances currently scheduled: check x environment x address, or check x resolver for dns.",
     ),
     (
         "cutover_config_last_reload_successful",
@@ -98,6 +115,55 @@ pub const CATALOG: &[(&str, &str)] = &[
         "Unix time of the last successful configuration load.",
     ),
     ("cutover_build_info", "Build information; always 1."),
+    (
+        "cutover_migration_phase",
+        "The migration phase in force (preparation, window, switched, decommission): 1 for the current one, 0 for the others; all 0 outside every phase.",
+    ),
+    (
+        "cutover_expected_serving_env_info",
+        "The environment that should serve in the phase in force (`none` while nothing should); absent without a `migration` section or override.",
+    ),
+    (
+        "cutover_migration_phase_override",
+        "Whether the phase in force was set by hand (1) instead of by the clock (0).",
+    ),
+    (
+        "cutover_mail_sent_total",
+        "Probe mails of a mailflow route the server accepted (250 after DATA), or that were found although a crash hid the reply.",
+    ),
+    (
+        "cutover_mail_send_failures_total",
+        "Probe mails of a mailflow route that could not be sent, by reason.",
+    ),
+    (
+        "cutover_mail_delivered_total",
+        "Probe mails found in a watched mailbox, by the environment they landed in (each counted once).",
+    ),
+    (
+        "cutover_mail_late_total",
+        "Probe mails not found within `late_after` (each counted once, even if delivered later).",
+    ),
+    ("cutover_mail_lost_total", "Probe mails not found within `lost_after`."),
+    (
+        "cutover_mail_duplicates_total",
+        "Extra copies of probe mails that had already been delivered.",
+    ),
+    (
+        "cutover_mail_in_flight",
+        "Probe mails sent (or possibly sent) and neither delivered nor lost yet.",
+    ),
+    (
+        "cutover_mail_oldest_in_flight_age_seconds",
+        "Age of the oldest probe mail in flight; 0 when none is.",
+    ),
+    (
+        "cutover_mail_delivery_seconds",
+        "Delivery latency of probe mails: time they became visible over IMAP minus the time the server accepted them.",
+    ),
+    (
+        "cutover_mail_last_delivered_timestamp_seconds",
+        "Unix time at which the last probe mail of a route became visible in an environment.",
+    ),
 ];
 
 /// Labels that identify one scheduled check instance.
@@ -108,6 +174,11 @@ const DNS_ANSWER_LABELS: [&str; 4] = ["check", "record", "type", "resolver"];
 const DNS_ANSWER_LABELS_STATE: [&str; 5] = ["check", "record", "type", "resolver", "state"];
 /// Labels of the cross-resolver DNS summaries ([`Extra::DnsSummary`]).
 const DNS_SUMMARY_LABELS: [&str; 3] = ["check", "record", "type"];
+/// Labels of the `mail_auth` series: the outbound environment, not the instance's.
+const SPF_LABELS: [&str; 5] = ["check", "domain", "env", "address", "result"];
+const PTR_LABELS: [&str; 3] = ["check", "env", "address"];
+const DKIM_LABELS: [&str; 3] = ["check", "domain", "selector"];
+const DMARC_LABELS: [&str; 2] = ["check", "domain"];
 
 /// A protocol-specific measurement a probe returns on its [`Outcome`].
 #[derive(Debug, Clone, PartialEq)]
@@ -162,6 +233,44 @@ pub enum Extra {
         /// `cutover_dns_propagation_deadline_timestamp_seconds`, when known.
         deadline: Option<f64>,
     },
+    /// The SPF verdict for one outbound address (`mail_auth`):
+    /// `cutover_spf_result{check, domain, env, address, result}`, a stateset.
+    SpfResult {
+        /// The domain whose policy was evaluated.
+        domain: String,
+        /// The outbound environment.
+        env: String,
+        /// Its address.
+        address: String,
+        /// The verdict.
+        result: SpfVerdict,
+    },
+    /// `cutover_ptr_ok{check, env, address}`: the outbound address's PTR name
+    /// resolves back to it.
+    PtrOk {
+        /// The outbound environment.
+        env: String,
+        /// Its address.
+        address: String,
+        /// Forward-confirmed.
+        ok: bool,
+    },
+    /// `cutover_dkim_record_ok{check, domain, selector}`.
+    DkimRecordOk {
+        /// The signing domain.
+        domain: String,
+        /// The selector.
+        selector: String,
+        /// The key record exists and parses.
+        ok: bool,
+    },
+    /// `cutover_dmarc_record_ok{check, domain}`.
+    DmarcRecordOk {
+        /// The domain.
+        domain: String,
+        /// `_dmarc.<domain>` exists and parses.
+        ok: bool,
+    },
 }
 
 impl Extra {
@@ -189,6 +298,25 @@ impl Extra {
                     record: r, rtype: t, ..
                 },
             ) => (record, rtype) == (r, t),
+            (
+                Extra::SpfResult {
+                    domain, env, address, ..
+                },
+                Extra::SpfResult {
+                    domain: d,
+                    env: e,
+                    address: a,
+                    ..
+                },
+            ) => (domain, env, address) == (d, e, a),
+            (Extra::PtrOk { env, address, .. }, Extra::PtrOk { env: e, address: a, .. }) => (env, address) == (e, a),
+            (
+                Extra::DkimRecordOk { domain, selector, .. },
+                Extra::DkimRecordOk {
+                    domain: d, selector: s, ..
+                },
+            ) => (domain, selector) == (d, s),
+            (Extra::DmarcRecordOk { domain, .. }, Extra::DmarcRecordOk { domain: d, .. }) => domain == d,
             _ => self == other,
         }
     }
@@ -251,10 +379,16 @@ pub struct Metrics {
     dns_changes: IntCounterVec,
     dns_ratio: GaugeVec,
     dns_deadline: GaugeVec,
+    spf_result: GaugeVec,
+    ptr_ok: GaugeVec,
+    dkim_ok: GaugeVec,
+    dmarc_ok: GaugeVec,
     instances: Gauge,
     reload_ok: Gauge,
     reload_ts: Gauge,
     touched: Mutex<HashMap<Instance, Touched>>,
+    mail: MailMetrics,
+    migration: MigrationMetrics,
 }
 
 fn opts(name: &str) -> Opts {
@@ -331,10 +465,16 @@ impl Metrics {
                 "cutover_dns_propagation_deadline_timestamp_seconds",
                 &DNS_SUMMARY_LABELS,
             ),
+            spf_result: gauge("cutover_spf_result", &SPF_LABELS),
+            ptr_ok: gauge("cutover_ptr_ok", &PTR_LABELS),
+            dkim_ok: gauge("cutover_dkim_record_ok", &DKIM_LABELS),
+            dmarc_ok: gauge("cutover_dmarc_record_ok", &DMARC_LABELS),
             instances: single("cutover_check_instances"),
             reload_ok: single("cutover_config_last_reload_successful"),
             reload_ts: single("cutover_config_last_reload_success_timestamp_seconds"),
             touched: Mutex::new(HashMap::new()),
+            mail: MailMetrics::register(&registry),
+            migration: MigrationMetrics::register(&registry),
             registry,
         }
     }
@@ -413,6 +553,10 @@ impl Metrics {
                     .with_label_values(&inst.with(&[step]))
                     .set(f64::from(*code)),
                 Extra::DnsAnswer { .. } | Extra::DnsSummary { .. } => self.record_dns(&inst.check, extra),
+                Extra::SpfResult { .. }
+                | Extra::PtrOk { .. }
+                | Extra::DkimRecordOk { .. }
+                | Extra::DmarcRecordOk { .. } => self.record_mail_auth(&inst.check, extra, true),
             }
             t.extras.push(extra.clone());
         }
@@ -439,6 +583,13 @@ impl Metrics {
             Extra::SmtpLastReplyCode { step, .. } => self.smtp_code.remove_label_values(&inst.with(&[step])),
             Extra::DnsAnswer { .. } | Extra::DnsSummary { .. } => {
                 self.remove_dns(&inst.check, extra);
+                Ok(())
+            }
+            Extra::SpfResult { .. }
+            | Extra::PtrOk { .. }
+            | Extra::DkimRecordOk { .. }
+            | Extra::DmarcRecordOk { .. } => {
+                self.record_mail_auth(&inst.check, extra, false);
                 Ok(())
             }
         };
@@ -525,6 +676,38 @@ impl Metrics {
         }
     }
 
+    /// Sets (or, with `set` false, removes) the `mail_auth` series, labelled
+    /// by the outbound environment and address instead of the instance's.
+    fn record_mail_auth(&self, check: &str, extra: &Extra, set: bool) {
+        let put = |g: &GaugeVec, labels: &[&str], v: bool| {
+            if set {
+                g.with_label_values(labels).set(if v { 1.0 } else { 0.0 });
+            } else {
+                let _ = g.remove_label_values(labels);
+            }
+        };
+        match extra {
+            Extra::SpfResult {
+                domain,
+                env,
+                address,
+                result,
+            } => {
+                for r in SpfVerdict::ALL {
+                    put(
+                        &self.spf_result,
+                        &[check, domain, env, address, r.as_str()],
+                        r == *result,
+                    );
+                }
+            }
+            Extra::PtrOk { env, address, ok } => put(&self.ptr_ok, &[check, env, address], *ok),
+            Extra::DkimRecordOk { domain, selector, ok } => put(&self.dkim_ok, &[check, domain, selector], *ok),
+            Extra::DmarcRecordOk { domain, ok } => put(&self.dmarc_ok, &[check, domain], *ok),
+            _ => {}
+        }
+    }
+
     /// Removes every series of an instance that is no longer configured.
     pub fn forget(&self, inst: &Instance) {
         let base = inst.values();
@@ -551,6 +734,22 @@ impl Metrics {
         if let Some([env, ip]) = t.resolved {
             let _ = self.live_env.remove_label_values(&[&inst.check, &inst.env, &env, &ip]);
         }
+    }
+
+    /// The mail-flow series, which the ledger publishes to.
+    pub fn mail(&self) -> MailMetrics {
+        self.mail.clone()
+    }
+
+    /// The migration phase series, which [`crate::migration::Control`] publishes to.
+    pub fn migration(&self) -> MigrationMetrics {
+        self.migration.clone()
+    }
+
+    /// Every family's current values, for the status page, which reads the
+    /// mail and reload series back instead of keeping its own copies.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
     }
 
     /// Records how long a scheduled run waited for a probe slot.
@@ -607,6 +806,211 @@ fn encode(families: &[prometheus::proto::MetricFamily]) -> String {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Mail flow: published by the ledger, labelled by check and route.
+// ---------------------------------------------------------------------------
+
+/// Labels of the per-route mail series; `route` is the sending environment.
+const MAIL_LABELS: [&str; 2] = ["check", "route"];
+
+/// A counted mail event. The ledger keeps one total per event (and label) so
+/// counters start from its totals after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MailCount {
+    /// `cutover_mail_sent_total`.
+    Sent,
+    /// `cutover_mail_send_failures_total`, label `reason`.
+    SendFailure,
+    /// `cutover_mail_delivered_total`, label `delivered_env`.
+    Delivered,
+    /// `cutover_mail_late_total`.
+    Late,
+    /// `cutover_mail_lost_total`.
+    Lost,
+    /// `cutover_mail_duplicates_total`.
+    Duplicate,
+}
+
+impl MailCount {
+    /// Every event, for reading totals back.
+    pub const ALL: [MailCount; 6] = [
+        Self::Sent,
+        Self::SendFailure,
+        Self::Delivered,
+        Self::Late,
+        Self::Lost,
+        Self::Duplicate,
+    ];
+
+    /// The name the ledger stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::SendFailure => "send_failure",
+            Self::Delivered => "delivered",
+            Self::Late => "late",
+            Self::Lost => "lost",
+            Self::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// The mail-flow families. Cheap to clone (handles to the same series).
+#[derive(Clone)]
+pub struct MailMetrics {
+    sent: IntCounterVec,
+    send_failures: IntCounterVec,
+    delivered: IntCounterVec,
+    late: IntCounterVec,
+    lost: IntCounterVec,
+    duplicates: IntCounterVec,
+    in_flight: GaugeVec,
+    oldest: GaugeVec,
+    delivery: HistogramVec,
+    last_delivered: GaugeVec,
+}
+
+impl MailMetrics {
+    fn register(registry: &Registry) -> MailMetrics {
+        let m = Self::unregistered();
+        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+            Box::new(m.sent.clone()),
+            Box::new(m.send_failures.clone()),
+            Box::new(m.delivered.clone()),
+            Box::new(m.late.clone()),
+            Box::new(m.lost.clone()),
+            Box::new(m.duplicates.clone()),
+            Box::new(m.in_flight.clone()),
+            Box::new(m.oldest.clone()),
+            Box::new(m.delivery.clone()),
+            Box::new(m.last_delivered.clone()),
+        ];
+        for c in collectors {
+            registry.register(c).expect("unique metric");
+        }
+        m
+    }
+
+    /// Families in no registry: for `check` and tests, where nobody scrapes.
+    pub fn unregistered() -> MailMetrics {
+        let counter = |name: &str, extra: &[&str]| {
+            let mut labels = MAIL_LABELS.to_vec();
+            labels.extend_from_slice(extra);
+            IntCounterVec::new(opts(name), &labels).expect("valid metric")
+        };
+        let gauge = |name: &str, extra: &[&str]| {
+            let mut labels = MAIL_LABELS.to_vec();
+            labels.extend_from_slice(extra);
+            GaugeVec::new(opts(name), &labels).expect("valid metric")
+        };
+        MailMetrics {
+            sent: counter("cutover_mail_sent_total", &[]),
+            send_failures: counter("cutover_mail_send_failures_total", &["reason"]),
+            delivered: counter("cutover_mail_delivered_total", &["delivered_env"]),
+            late: counter("cutover_mail_late_total", &[]),
+            lost: counter("cutover_mail_lost_total", &[]),
+            duplicates: counter("cutover_mail_duplicates_total", &[]),
+            in_flight: gauge("cutover_mail_in_flight", &[]),
+            oldest: gauge("cutover_mail_oldest_in_flight_age_seconds", &[]),
+            delivery: HistogramVec::new(
+                HistogramOpts::from(opts("cutover_mail_delivery_seconds")).buckets(vec![
+                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0,
+                ]),
+                &MAIL_LABELS,
+            )
+            .expect("valid metric"),
+            last_delivered: gauge("cutover_mail_last_delivered_timestamp_seconds", &["delivered_env"]),
+        }
+    }
+
+    /// Adds `n` to an event's counter; `label` is the reason or the delivered
+    /// environment, ignored for the unlabelled events.
+    pub fn add(&self, check: &str, route: &str, what: MailCount, label: &str, n: u64) {
+        let counter = match what {
+            MailCount::Sent => self.sent.with_label_values(&[check, route]),
+            MailCount::SendFailure => self.send_failures.with_label_values(&[check, route, label]),
+            MailCount::Delivered => self.delivered.with_label_values(&[check, route, label]),
+            MailCount::Late => self.late.with_label_values(&[check, route]),
+            MailCount::Lost => self.lost.with_label_values(&[check, route]),
+            MailCount::Duplicate => self.duplicates.with_label_values(&[check, route]),
+        };
+        counter.inc_by(n);
+    }
+
+    /// A delivery: its latency when the accept time is known, and when it became visible.
+    pub fn delivered(&self, check: &str, route: &str, env: &str, latency: Option<f64>, visible_at: f64) {
+        if let Some(seconds) = latency {
+            self.delivery
+                .with_label_values(&[check, route])
+                .observe(seconds.max(0.0));
+        }
+        let last = self.last_delivered.with_label_values(&[check, route, env]);
+        if visible_at > last.get() {
+            last.set(visible_at);
+        }
+    }
+
+    /// Mails in flight on a route and the age of the oldest. Also makes the
+    /// route's unlabelled counters exist at 0, so `increase()` sees their first event.
+    pub fn in_flight(&self, check: &str, route: &str, count: u64, oldest_age: f64) {
+        for c in [&self.sent, &self.late, &self.lost, &self.duplicates] {
+            c.with_label_values(&[check, route]);
+        }
+        self.in_flight.with_label_values(&[check, route]).set(count as f64);
+        self.oldest.with_label_values(&[check, route]).set(oldest_age);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Migration phase: published by `migration::Control`, no instance labels.
+// ---------------------------------------------------------------------------
+
+/// The phase series. Cheap to clone (handles to the same series).
+#[derive(Clone)]
+pub struct MigrationMetrics {
+    phase: GaugeVec,
+    serving: GaugeVec,
+    manual: Gauge,
+    /// The `env` label currently set on `serving`, so a change removes it.
+    serving_now: std::sync::Arc<Mutex<Option<String>>>,
+}
+
+impl MigrationMetrics {
+    fn register(registry: &Registry) -> MigrationMetrics {
+        let m = MigrationMetrics {
+            phase: GaugeVec::new(opts("cutover_migration_phase"), &["phase"]).expect("valid metric"),
+            serving: GaugeVec::new(opts("cutover_expected_serving_env_info"), &["env"]).expect("valid metric"),
+            manual: Gauge::with_opts(opts("cutover_migration_phase_override")).expect("valid metric"),
+            serving_now: Default::default(),
+        };
+        registry.register(Box::new(m.phase.clone())).expect("unique metric");
+        registry.register(Box::new(m.serving.clone())).expect("unique metric");
+        registry.register(Box::new(m.manual.clone())).expect("unique metric");
+        m
+    }
+
+    /// Sets the stateset (every phase present, 1 for `phase`), the one
+    /// expected serving environment (none when unknown), and the override flag.
+    pub fn set(&self, phase: Option<crate::migration::Phase>, serving: Option<&str>, manual: bool) {
+        for p in crate::migration::Phase::ALL {
+            self.phase
+                .with_label_values(&[p.as_str()])
+                .set(if Some(p) == phase { 1.0 } else { 0.0 });
+        }
+        let mut now = self.serving_now.lock().expect("metrics lock");
+        if now.as_deref() != serving {
+            if let Some(old) = now.take() {
+                let _ = self.serving.remove_label_values(&[&old]);
+            }
+            if let Some(env) = serving {
+                self.serving.with_label_values(&[env]).set(1.0);
+            }
+            *now = serving.map(str::to_string);
+        }
+        self.manual.set(if manual { 1.0 } else { 0.0 });
     }
 }
 

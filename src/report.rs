@@ -71,7 +71,8 @@ pub struct DnsRow {
     pub propagation_deadline: Option<f64>,
 }
 
-fn dns_rows(extras: &[Extra]) -> Vec<DnsRow> {
+/// The `dns` answers among a run's extras, one per record (also the status page's DNS table).
+pub fn dns_rows(extras: &[Extra]) -> Vec<DnsRow> {
     extras
         .iter()
         .filter_map(|e| match e {
@@ -273,6 +274,21 @@ fn dns_table(rows: &[Row]) -> String {
         out.push('\n');
     }
     out.push('\n');
+    out
+}
+
+/// The go/no-go section under the table: the phase in force and, per
+/// question that matters in it, GO, NO-GO or UNKNOWN with the evidence. The
+/// exit code stays that of the table; these lines say what it means tonight.
+pub fn go_no_go(current: &crate::migration::Current, verdicts: &[crate::migration::Verdict]) -> String {
+    let mut out = format!("\nMIGRATION PHASE: {}\n", current.describe());
+    if !verdicts.is_empty() {
+        let width = verdicts.iter().map(|v| v.question.chars().count()).max().unwrap_or(0);
+        out.push_str("GO/NO-GO:\n");
+        for v in verdicts {
+            let _ = writeln!(out, "  {:<7}  {:<width$}  {}", v.answer.label(), v.question, v.detail);
+        }
+    }
     out
 }
 

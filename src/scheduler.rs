@@ -10,14 +10,16 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, EnvKind, LoadedCheck, ResolverAddr};
+use crate::config::{Config, EnvKind, KindSpec, LoadedCheck, ResolverAddr};
+use crate::ledger::Ledger;
 use crate::metrics::{Instance, Metrics};
-use crate::probe::{Failure, FailureReason, InPhase, Outcome, Run};
+use crate::probe::{BackgroundContext, Failure, FailureReason, InPhase, Outcome, Run};
 use crate::resolve;
 
 /// Where an instance connects.
@@ -111,6 +113,7 @@ async fn run_admitted(spec: &InstanceSpec, config: &Config) -> Outcome {
     let started_at = crate::unix_now();
     let start = Instant::now();
     let mut run = Run::default();
+    run.env = spec.inst.env.clone();
     let mut resolved = None;
     let attempt = attempt(spec, config, &mut run, &mut resolved);
     let result = match tokio::time::timeout(timeout, attempt).await {
@@ -239,6 +242,11 @@ fn log_change(inst: &Instance, before: Option<&Outcome>, now: &Outcome) {
 pub struct Scheduler {
     shared: Arc<Shared>,
     tasks: Vec<(Instance, JoinHandle<()>)>,
+    /// Given by the daemon: then each check's [`crate::probe::Probe::background`]
+    /// tasks run alongside its instances.
+    background: Option<BackgroundContext>,
+    background_tasks: Vec<JoinHandle<()>>,
+    storage: Option<PathBuf>,
 }
 
 impl Scheduler {
@@ -247,7 +255,36 @@ impl Scheduler {
         Scheduler {
             shared,
             tasks: Vec::new(),
+            background: None,
+            background_tasks: Vec::new(),
+            storage: None,
         }
+    }
+
+    /// Lets [`Scheduler::prepare`] open the mail ledger in `dir`
+    /// (`--storage.path`) once a config needs it; only the daemon does this.
+    pub fn with_storage(mut self, dir: PathBuf) -> Scheduler {
+        self.storage = Some(dir);
+        self
+    }
+
+    /// Opens what `config` needs before [`Scheduler::apply`]: the mail ledger,
+    /// the first time a config has a `mailflow` check (daemons without one
+    /// write nothing to disk). An error keeps the previous config running.
+    pub fn prepare(&mut self, config: &Config) -> Result<(), String> {
+        let needs_ledger = config
+            .checks
+            .iter()
+            .any(|c| matches!(c.check.kind, KindSpec::Mailflow(_)));
+        if let (true, None, Some(dir)) = (needs_ledger, &self.background, &self.storage) {
+            let ledger = Ledger::open(dir, self.shared.metrics.mail())
+                .map_err(|e| format!("--storage.path {}: {e}", dir.display()))?;
+            tracing::info!(ledger = ledger.location(), instance = %ledger.identity.instance, "mail ledger opened");
+            self.background = Some(BackgroundContext {
+                ledger: Arc::new(ledger),
+            });
+        }
+        Ok(())
     }
 
     /// Replaces the running instances with those of `config`. Series of
@@ -262,6 +299,16 @@ impl Scheduler {
             }
         }
         self.shared.metrics.set_instances(specs.len());
+        for task in self.background_tasks.drain(..) {
+            task.abort();
+        }
+        if let Some(ctx) = &self.background {
+            for loaded in &config.checks {
+                for task in loaded.probe.background(ctx) {
+                    self.background_tasks.push(tokio::spawn(task));
+                }
+            }
+        }
         for spec in specs {
             let inst = spec.inst.clone();
             let task = tokio::spawn(instance_loop(spec, config.clone(), self.shared.clone()));
@@ -272,6 +319,9 @@ impl Scheduler {
     /// Stops every instance.
     pub fn stop(&mut self) {
         for (_, task) in self.tasks.drain(..) {
+            task.abort();
+        }
+        for task in self.background_tasks.drain(..) {
             task.abort();
         }
     }

@@ -1,21 +1,35 @@
 //! The daemon's HTTP surface, following Prometheus exporter conventions:
-//! `/metrics`, `/-/healthy`, `/-/ready`, `/-/reload` and blackbox-style `/probe`.
-//! This is the only module that knows about routes.
+//! `/metrics`, `/-/healthy`, `/-/ready`, `/-/reload` and blackbox-style `/probe`,
+//! plus the status page `/` with its data at `/api/v1/status`, and the migration
+//! phase override `/api/v1/phase`. This is the only module that knows about routes.
+//!
+//! Protection follows Prometheus too: TLS and basic auth from `--web.config.file`
+//! ([`crate::web_config`]) cover every route, and routes that change state
+//! answer 403 unless `--web.enable-lifecycle` is given. GET never changes state.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{Query, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::probe::sanitize;
 use crate::scheduler::{self, Shared};
+use crate::web_config::{Authenticator, WebConfig};
 
 /// A reload request from `/-/reload`, answered with the outcome.
 pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
@@ -31,32 +45,204 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// Where `/-/reload` sends its requests.
     pub reload: mpsc::Sender<ReloadRequest>,
+    /// `--web.enable-lifecycle`: whether state-changing routes are served.
+    pub lifecycle: bool,
+    /// The migration phase's manual override, for `/api/v1/phase` and the status page.
+    pub phase: Arc<crate::migration::Control>,
+}
+
+/// The web config in force (swapped on reload) and the authenticator that
+/// checks requests against it.
+pub struct Web {
+    config: RwLock<Arc<WebConfig>>,
+    auth: Authenticator,
+}
+
+impl Web {
+    /// Shares `config` between the TLS acceptor and the auth layer.
+    pub fn new(config: WebConfig) -> Arc<Web> {
+        Arc::new(Web {
+            config: RwLock::new(Arc::new(config)),
+            auth: Authenticator::default(),
+        })
+    }
+
+    /// The config in force.
+    pub fn current(&self) -> Arc<WebConfig> {
+        self.config.read().expect("web config lock").clone()
+    }
+
+    /// Puts a reloaded config in force for new connections and requests.
+    pub fn replace(&self, config: WebConfig) {
+        *self.config.write().expect("web config lock") = Arc::new(config);
+    }
 }
 
 const EXPOSITION: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// All routes.
-pub fn router(state: AppState) -> Router {
+/// All routes, behind basic auth and the configured response headers.
+pub fn router(state: AppState, web: Arc<Web>) -> Router {
+    // Every route that changes state goes here, behind the lifecycle flag.
+    let lifecycle = Router::new()
+        .route("/-/reload", post(reload).put(reload))
+        .route("/api/v1/phase", post(set_phase).delete(clear_phase))
+        .route_layer(middleware::from_fn_with_state(state.lifecycle, require_lifecycle));
     Router::new()
         .route("/", get(index))
         .route("/metrics", get(metrics))
+        .route("/api/v1/status", get(status))
         .route("/probe", get(probe))
         .route("/-/healthy", get(|| async { "Healthy\n" }))
         .route("/-/ready", get(ready))
-        .route("/-/reload", post(reload).put(reload))
+        .merge(lifecycle)
         .with_state(state)
+        .layer(middleware::from_fn_with_state(web.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(web, add_headers))
 }
 
+async fn require_lifecycle(State(enabled): State<bool>, request: Request, next: Next) -> Response {
+    // GET and HEAD change nothing; the route answers them with 405 itself.
+    if enabled || request.method() == Method::GET || request.method() == Method::HEAD {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::FORBIDDEN,
+            "Lifecycle API is not enabled: start cutover-monitor with --web.enable-lifecycle to change state over HTTP (SIGHUP still reloads)\n",
+        )
+            .into_response()
+    }
+}
+
+async fn authenticate(State(web): State<Arc<Web>>, request: Request, next: Next) -> Response {
+    let config = web.current();
+    if !config.requires_auth(request.uri().path())
+        || web
+            .auth
+            .allows(&config, request.headers().get(header::AUTHORIZATION))
+            .await
+    {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Basic")],
+        "Unauthorized\n",
+    )
+        .into_response()
+}
+
+async fn add_headers(State(web): State<Arc<Web>>, request: Request, next: Next) -> Response {
+    let config = web.current();
+    let mut response = next.run(request).await;
+    for (name, value) in &config.headers {
+        response.headers_mut().insert(name.clone(), value.clone());
+    }
+    response
+}
+
+/// The status page; it renders `/api/v1/status`.
 async fn index() -> Html<&'static str> {
-    Html(concat!(
-        "<!doctype html><title>cutover-monitor</title><h1>cutover-monitor ",
-        env!("CARGO_PKG_VERSION"),
-        "</h1><ul><li><a href=\"metrics\">metrics</a></li><li><a href=\"-/ready\">ready</a></li></ul>"
-    ))
+    Html(crate::status::PAGE)
+}
+
+/// The status page's data (phase, go/no-go, matrix, DNS, mail, certificates).
+async fn status(State(state): State<AppState>) -> Response {
+    let config = state.config.read().expect("config lock").clone();
+    let current = state
+        .phase
+        .publish(&config.migration, &state.shared.metrics.migration());
+    axum::Json(crate::status::snapshot(&state.shared, &config, current)).into_response()
+}
+
+/// `{"phase": "switched"}` or `phase=switched`.
+#[derive(serde::Deserialize)]
+struct PhaseBody {
+    phase: String,
+}
+
+/// Sets the migration phase by hand; it wins over the clock until cleared.
+async fn set_phase(State(state): State<AppState>, headers: axum::http::HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Some(refused) = cross_origin(&headers) {
+        return refused;
+    }
+    let json = body.trim_ascii_start().starts_with(b"{");
+    let parsed: Result<PhaseBody, String> = if json {
+        serde_json::from_slice(&body).map_err(|e| e.to_string())
+    } else {
+        // A POST: for GET, axum's Form reads the query string instead.
+        let request = Request::builder()
+            .method(Method::POST)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(axum::body::Body::from(body))
+            .expect("static request parts");
+        <axum::Form<PhaseBody> as axum::extract::FromRequest<()>>::from_request(request, &())
+            .await
+            .map(|f| f.0)
+            .map_err(|e| e.body_text())
+    };
+    let phase = match parsed.and_then(|b| b.phase.parse::<crate::migration::Phase>()) {
+        Ok(phase) => phase,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "expected {{\"phase\": \"preparation|window|switched|decommission\"}} or phase=NAME: {}\n",
+                    sanitize(&e)
+                ),
+            )
+                .into_response();
+        }
+    };
+    state.phase.set(phase);
+    phase_answer(&state)
+}
+
+/// Removes the manual phase: the clock rules again.
+async fn clear_phase(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(refused) = cross_origin(&headers) {
+        return refused;
+    }
+    state.phase.clear();
+    phase_answer(&state)
+}
+
+fn phase_answer(state: &AppState) -> Response {
+    let config = state.config.read().expect("config lock").clone();
+    axum::Json(
+        state
+            .phase
+            .publish(&config.migration, &state.shared.metrics.migration()),
+    )
+    .into_response()
+}
+
+/// Refuses a state change a browser sent on behalf of another site's page
+/// (a form post needs no CORS preflight): its `Origin` names another host.
+fn cross_origin(headers: &axum::http::HeaderMap) -> Option<Response> {
+    let origin = headers.get(header::ORIGIN)?.to_str().unwrap_or("?");
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+    (origin_host != host).then(|| {
+        (
+            StatusCode::FORBIDDEN,
+            "cross-origin request refused: change the phase with `cutover-monitor phase` or curl\n",
+        )
+            .into_response()
+    })
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    ([(header::CONTENT_TYPE, EXPOSITION)], state.shared.metrics.encode()).into_response()
+    // Rendering 10,000 instances takes ~0.3 s; on a runtime worker that
+    // stalled the scheduler's timers for as long (BENCHMARKS.md, scenario 3).
+    let shared = state.shared.clone();
+    match tokio::task::spawn_blocking(move || shared.metrics.encode()).await {
+        Ok(body) => ([(header::CONTENT_TYPE, EXPOSITION)], body).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering metrics failed: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn ready(State(state): State<AppState>) -> Response {
@@ -97,7 +283,7 @@ async fn probe(State(state): State<AppState>, Query(q): Query<HashMap<String, St
     if specs.is_empty() {
         return (
             StatusCode::BAD_REQUEST,
-            format!("no check `{check}` in that environment\n"),
+            format!("no check `{}` in that environment\n", sanitize(check)),
         )
             .into_response();
     }
@@ -107,4 +293,101 @@ async fn probe(State(state): State<AppState>, Query(q): Query<HashMap<String, St
         metrics.record(&spec.inst, outcome);
     }
     ([(header::CONTENT_TYPE, EXPOSITION)], metrics.encode_instances()).into_response()
+}
+
+/// Serves `app` on `listener` until `stop` completes: over TLS when the web
+/// config has `tls_server_config`, plain HTTP otherwise.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    web: Arc<Web>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if web.current().tls.is_some() {
+        axum::serve(TlsListener::new(listener, web)?, app)
+            .with_graceful_shutdown(stop)
+            .await
+    } else {
+        axum::serve(listener, app).with_graceful_shutdown(stop).await
+    }
+}
+
+/// How long a client gets to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; more clients wait in the listen backlog.
+const MAX_HANDSHAKES: usize = 64;
+
+/// Accepts TCP connections and hands over those that completed a TLS
+/// handshake. Handshakes run in their own tasks, with a deadline, so a client
+/// that stalls mid-handshake holds up nobody else. Each handshake uses the
+/// web config in force when it starts, so rotated certificates apply to new
+/// connections after a reload.
+struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    fn new(listener: TcpListener, web: Arc<Web>) -> std::io::Result<TlsListener> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = mpsc::channel(MAX_HANDSHAKES);
+        let acceptor = tokio::spawn(accept_tls(listener, web, tx));
+        Ok(TlsListener { ready, local, acceptor })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+async fn accept_tls(listener: TcpListener, web: Arc<Web>, ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>) {
+    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(tls) = web.current().tls.clone() else { continue };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let _ = ready.send((stream, peer)).await;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer, error = %sanitize(&e.to_string()), "TLS handshake with a client failed")
+                }
+                Err(_) => tracing::debug!(peer = %peer, "TLS handshake with a client timed out"),
+            }
+        });
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The acceptor only stops when this listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }

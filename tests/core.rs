@@ -291,7 +291,7 @@ checks:
 #[test]
 fn a_broken_reload_keeps_the_old_checks_and_a_good_one_applies() {
     lab();
-    let d = Daemon::start(WEBMAIL);
+    let d = Daemon::start_with(WEBMAIL, &["--web.enable-lifecycle"]);
     d.wait_for(
         "cutover_probe_success",
         &labels("webmail", "old"),
@@ -436,8 +436,11 @@ fn promtool_finds_the_exposition_clean() {
     lab();
     // Every probe kind of the lab's own check file, at a test's pace.
     let lab_yaml = std::fs::read_to_string(common::root().join("checks/lab.yaml")).unwrap();
-    // Plus one failing instance, so the failure series are exposed too.
-    let closed = "  - {name: closed-port, kind: tcp, host: imap.example.test, port: 1, envs: [old]}\n";
+    // Plus failing instances, so the failure series are exposed too.
+    let closed = "  - {name: closed-port, kind: tcp, host: imap.example.test, port: 1, envs: [old]}\n  \
+                  - {name: mail-closed, kind: mailflow, envs: [old], interval: 2s, \
+                  send: {mode: submission, host: smtp.example.test, port: 1, credentials: probe, to: probe@example.test}, \
+                  watch: [{env: old, host: imap.example.test, credentials: probe}]}\n";
     let yaml = lab_yaml
         .replace("interval: 15s", "interval: 2s")
         .replace("timeout: 5s", "timeout: 1500ms")
@@ -453,15 +456,17 @@ fn promtool_finds_the_exposition_clean() {
             .all(|c| s.sum("cutover_probe_runs_total", &[("check", &c.check.name)]) >= 1.0)
             && ran == instances
     };
+    let missing = |s: &common::Scrape| -> Vec<&str> {
+        let catalog = cutover_monitor::metrics::CATALOG.iter().map(|(n, _)| *n);
+        catalog.filter(|n| !s.text.contains(&format!("# HELP {n} "))).collect()
+    };
     let text = d
-        .wait_until("every instance of checks/lab.yaml ran", every_instance_ran, 10 * SECS)
+        .wait_until(
+            "every instance of checks/lab.yaml ran and every metric family is exposed",
+            |s| every_instance_ran(s) && missing(s).is_empty(),
+            20 * SECS,
+        )
         .text;
-    for name in cutover_monitor::metrics::CATALOG.iter().map(|(n, _)| *n) {
-        assert!(
-            text.contains(&format!("# HELP {name} ")),
-            "{name} missing from a scrape of checks/lab.yaml"
-        );
-    }
     let mut child = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

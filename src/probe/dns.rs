@@ -495,6 +495,29 @@ fn classify(record: &Watched, msg: &Message) -> (AnswerState, Option<u32>) {
     (compare(&values, &record.old, &record.new), ttl)
 }
 
+/// Classifies a raw reply for an `rtype` record expected to hold `old` or
+/// `new` (values as written in a check file), as a run does; `Err` when a
+/// value or the reply does not parse. Public for the fuzz harness (fuzz/).
+pub fn classify_wire(
+    rtype: RecordType,
+    old: &[&str],
+    new: &[&str],
+    wire: &[u8],
+) -> Result<(AnswerState, Option<u32>), String> {
+    let parse = |values: &[&str]| -> Result<BTreeSet<String>, String> {
+        values.iter().map(|v| expected_value(rtype, v)).collect()
+    };
+    let record = Watched {
+        label: String::new(),
+        query: String::new(),
+        rtype,
+        old: parse(old)?,
+        new: parse(new)?,
+    };
+    let msg = Message::from_vec(wire).map_err(|e| e.to_string())?;
+    Ok(classify(&record, &msg))
+}
+
 /// Compares an answer set with the expected sets. Exact matches first (`new`
 /// before `old`, so a record that does not change counts as done), then
 /// subsets, so a resolver handing out one of two old addresses is still `old`.

@@ -237,7 +237,19 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 fn hyper_failure(e: hyper::Error) -> Failure {
-    let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+    let source = std::error::Error::source(&e);
+    // A request canceled because the connection failed first (say, the server
+    // spoke before being asked) carries the connection's error.
+    if let Some(cause) = source.and_then(|s| s.downcast_ref::<hyper::Error>()) {
+        if e.is_canceled() {
+            return match std::error::Error::source(cause).and_then(|s| s.downcast_ref::<std::io::Error>()) {
+                Some(io) => Failure::io(io),
+                None if cause.is_parse_too_large() => Failure::new(FailureReason::Oversize, format!("HTTP: {cause}")),
+                None => Failure::new(FailureReason::Protocol, format!("HTTP: {cause}")),
+            };
+        }
+    }
+    let io = source.and_then(|s| s.downcast_ref::<std::io::Error>());
     match io {
         Some(io) => Failure::io(io),
         // A status line or header block beyond hyper's buffer limit (~400 KiB).

@@ -46,6 +46,8 @@ pub struct ImapProbe {
     folders: Vec<String>,
     min_messages: Option<u64>,
     roots: Arc<RootCertStore>,
+    /// What one session may read: [`MAX_SESSION_BYTES`], more for long-lived watchers.
+    session_bytes: u64,
 }
 
 impl ImapProbe {
@@ -107,6 +109,7 @@ impl ImapProbe {
             folders: spec.expect.folders.clone(),
             min_messages: spec.expect.min_messages,
             roots: check.roots.clone(),
+            session_bytes: MAX_SESSION_BYTES,
         })
     }
 }
@@ -148,12 +151,15 @@ impl Probe for ImapProbe {
 }
 
 /// What the IMAP client is generic over: plain TCP or TLS, inside [`Bounded`].
-trait Transport: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug {}
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug> Transport for T {}
+
+/// A logged-in session over TLS or plain TCP, as [`ImapProbe::open`] returns it.
+pub(crate) type ImapSession = Session<Bounded<Box<dyn Transport>>>;
 
 /// The step an async-imap error happened in, to tell what a NO means.
 #[derive(Clone, Copy)]
-enum Step {
+pub(crate) enum Step {
     Starttls,
     Login,
     Select,
@@ -163,19 +169,58 @@ enum Step {
 
 impl ImapProbe {
     async fn steps(&self, ip: IpAddr, run: &mut Run) -> Result<(), Failure> {
+        let mut session = self.open(ip, run).await?;
+        let verdict = self.mailbox(&mut session, run).await;
+        // Log out politely when the session is still sound; after a network
+        // or protocol error it would only hang until the timeout.
+        if let Err(f) = &verdict {
+            if !matches!(f.reason, FailureReason::MailboxMissing | FailureReason::ContentMismatch) {
+                return verdict;
+            }
+        }
+        let logout = run
+            .phase("logout", session.logout())
+            .await
+            .map_err(|e| self.imap_failure(e, Step::Logout))
+            .in_phase("logout");
+        verdict.and(logout)
+    }
+
+    /// A watcher's probe: sessions may read up to `bytes` before they must be
+    /// re-established, instead of a probe run's [`MAX_SESSION_BYTES`].
+    pub(crate) fn with_session_bytes(mut self, bytes: u64) -> Self {
+        self.session_bytes = bytes;
+        self
+    }
+
+    /// The mailbox the spec names.
+    pub(crate) fn mailbox_name(&self) -> &str {
+        &self.mailbox
+    }
+
+    fn bounded<S>(&self, inner: S) -> Bounded<S> {
+        let mut b = Bounded::new(inner);
+        b.left = self.session_bytes;
+        b.limit = self.session_bytes;
+        b
+    }
+
+    /// Connects, secures, checks the greeting and logs in: every step as a
+    /// phase on `run`. Shared with mailflow's watchers.
+    pub(crate) async fn open(&self, ip: IpAddr, run: &mut Run) -> Result<ImapSession, Failure> {
         let tcp = super::connect(ip, self.port, run).await?;
-        match self.tls {
+        let (client, caps) = match self.tls {
             ImapTls::Implicit => {
                 let tls = tls::handshake(tcp, &self.host, &self.roots, &[], run)
                     .await
                     .in_phase("tls")?;
-                let mut client = Client::new(Bounded::new(tls));
+                let mut client = Client::new(self.bounded(Box::new(tls) as Box<dyn Transport>));
                 self.greeting(&mut client, run).await?;
                 let caps = self.capabilities(&mut client, true, run).await?;
-                self.login(client, &caps, run).await
+                (client, caps)
             }
             ImapTls::Starttls => {
-                let mut client = Client::new(Bounded::new(tcp));
+                let mut client = Client::new(self.bounded(tcp));
                 self.greeting(&mut client, run).await?;
                 let caps = self.capabilities(&mut client, false, run).await?;
                 if !has(&caps, "STARTTLS") {
@@ -199,18 +244,19 @@ impl ImapProbe {
                 let tls = tls::handshake(tcp, &self.host, &self.roots, &[], run)
                     .await
                     .in_phase("tls")?;
-                let mut client = Client::new(Bounded::new(tls));
+                let mut client = Client::new(self.bounded(Box::new(tls) as Box<dyn Transport>));
                 // RFC 3501 6.2.1: capabilities learnt before STARTTLS are void.
                 let caps = self.capabilities(&mut client, true, run).await?;
-                self.login(client, &caps, run).await
+                (client, caps)
             }
             ImapTls::None => {
-                let mut client = Client::new(Bounded::new(tcp));
+                let mut client = Client::new(self.bounded(Box::new(tcp) as Box<dyn Transport>));
                 self.greeting(&mut client, run).await?;
                 let caps = self.capabilities(&mut client, true, run).await?;
-                self.login(client, &caps, run).await
+                (client, caps)
             }
-        }
+        };
+        self.login(client, &caps, run).await
     }
 
     /// Reads the server's first response, which must be `* OK`, and checks
@@ -334,14 +380,13 @@ impl ImapProbe {
         }
     }
 
-    /// Logs in, examines the mailbox, checks what is expected of it, and
-    /// logs out.
+    /// Logs in with LOGIN or AUTHENTICATE PLAIN, as the spec says.
     async fn login<S: Transport>(
         &self,
         client: Client<Bounded<S>>,
         caps: &[String],
         run: &mut Run,
-    ) -> Result<(), Failure> {
+    ) -> Result<Session<Bounded<S>>, Failure> {
         let user = self.credential.username.as_str();
         let password = self.credential.password.expose();
         let attempt = match self.auth {
@@ -374,23 +419,9 @@ impl ImapProbe {
                     .await
             }
         };
-        let mut session = attempt
+        attempt
             .map_err(|(e, _client)| self.imap_failure(e, Step::Login))
-            .in_phase("login")?;
-        let verdict = self.mailbox(&mut session, run).await;
-        // Log out politely when the session is still sound; after a network
-        // or protocol error it would only hang until the timeout.
-        if let Err(f) = &verdict {
-            if !matches!(f.reason, FailureReason::MailboxMissing | FailureReason::ContentMismatch) {
-                return verdict;
-            }
-        }
-        let logout = run
-            .phase("logout", session.logout())
-            .await
-            .map_err(|e| self.imap_failure(e, Step::Logout))
-            .in_phase("logout");
-        verdict.and(logout)
+            .in_phase("login")
     }
 
     async fn mailbox<S: Transport>(&self, session: &mut Session<Bounded<S>>, run: &mut Run) -> Result<(), Failure> {
@@ -481,7 +512,7 @@ impl ImapProbe {
         }
     }
 
-    fn imap_failure(&self, err: ImapError, step: Step) -> Failure {
+    pub(crate) fn imap_failure(&self, err: ImapError, step: Step) -> Failure {
         let host = &self.host;
         let (reason, text) = match err {
             ImapError::Io(e) => return self.io_failure(&e),
@@ -580,6 +611,12 @@ impl Authenticator for SaslPlain<'_> {
     }
 }
 
+/// The longest line (literals aside) a server may send: Dovecot's own
+/// `imap_max_line_length`. async-imap re-parses a line from its start on every
+/// read, so an endless line would otherwise cost quadratic CPU up to the
+/// session cap and hold the thread past the timeout.
+pub const MAX_LINE: u64 = 64 * 1024;
+
 /// A server sent more than the probe will read.
 #[derive(Debug)]
 struct TooMuch(String);
@@ -600,7 +637,10 @@ impl std::error::Error for TooMuch {}
 pub struct Bounded<S> {
     inner: S,
     left: u64,
+    limit: u64,
     scan: Scan,
+    /// Bytes since the last line end, literals aside.
+    line: u64,
 }
 
 /// Where the literal scanner is: skipping `n` literal bytes, or looking for
@@ -615,11 +655,14 @@ enum Scan {
 }
 
 impl<S> Bounded<S> {
-    fn new(inner: S) -> Self {
+    /// Wraps a fresh session's stream; public for the fuzz harness (fuzz/).
+    pub fn new(inner: S) -> Self {
         Bounded {
             inner,
             left: MAX_SESSION_BYTES,
+            limit: MAX_SESSION_BYTES,
             scan: Scan::Text,
+            line: 0,
         }
     }
 
@@ -629,12 +672,11 @@ impl<S> Bounded<S> {
     }
 
     /// Accounts for bytes just read; `Err` when the server went over a limit.
-    fn account(&mut self, bytes: &[u8]) -> Result<(), TooMuch> {
+    fn account(&mut self, bytes: &mut [u8]) -> Result<(), TooMuch> {
         let n = bytes.len() as u64;
+        let limit = self.limit;
         if n > self.left {
-            return Err(TooMuch(format!(
-                "sent more than {MAX_SESSION_BYTES} bytes in one session"
-            )));
+            return Err(TooMuch(format!("sent more than {limit} bytes in one session")));
         }
         self.left -= n;
         let mut i = 0;
@@ -649,7 +691,17 @@ impl<S> Bounded<S> {
                 };
                 continue;
             }
+            // 8-bit text outside a literal is not IMAP (RFC 3501 `CHAR`), and
+            // imap-proto 0.17 panics on some (`[CODE]` then a non-ASCII byte,
+            // found by fuzz/): it reaches the parser as `?`.
+            if bytes[i] >= 0x80 {
+                bytes[i] = b'?';
+            }
             let b = bytes[i];
+            self.line = if b == b'\n' { 0 } else { self.line + 1 };
+            if self.line > MAX_LINE {
+                return Err(TooMuch(format!("sent a line longer than {MAX_LINE} bytes")));
+            }
             i += 1;
             self.scan = match (self.scan, b) {
                 (_, b'{') => Scan::Open(None),
@@ -663,7 +715,7 @@ impl<S> Bounded<S> {
                     let in_hand = (bytes.len() - i) as u64;
                     if n > self.left + in_hand {
                         return Err(TooMuch(format!(
-                            "announced a {n}-byte literal, more than the {MAX_SESSION_BYTES} bytes a session may send"
+                            "announced a {n}-byte literal, more than the {limit} bytes a session may send"
                         )));
                     }
                     if n == 0 { Scan::Text } else { Scan::Literal(n) }
@@ -679,7 +731,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Bounded<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
-        if let Err(e) = self.account(&buf.filled()[before..]) {
+        if let Err(e) = self.account(&mut buf.filled_mut()[before..]) {
             // A failed read hands out no bytes.
             buf.set_filled(before);
             return Poll::Ready(Err(io::Error::other(e)));
@@ -740,10 +792,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn eight_bit_text_after_a_response_code_reaches_the_parser_as_ascii() {
+        // imap-proto 0.17 panicked on this greeting (found by fuzz/).
+        let (mut server, client) = tokio::io::duplex(1024);
+        server.write_all(b"* OK [ALERT]\xad ready\r\n").await.unwrap();
+        let mut client = Client::new(Bounded::new(client));
+        let greeting = client.read_response().await.unwrap().unwrap();
+        let parsed = format!("{:?}", greeting.parsed());
+        assert!(parsed.contains(r#"information: Some(" ready")"#), "{parsed}");
+    }
+
+    #[tokio::test]
     async fn a_session_may_not_send_more_than_the_cap() {
-        let line = vec![b'a'; MAX_SESSION_BYTES as usize + 1];
-        let err = read_all(&line).await.unwrap_err();
+        let lines = b"* a\r\n".repeat(MAX_SESSION_BYTES as usize / 5 + 1);
+        let err = read_all(&lines).await.unwrap_err();
         assert!(too_much(err).contains("more than 1048576 bytes"));
+    }
+
+    #[tokio::test]
+    async fn a_line_may_not_be_longer_than_the_cap() {
+        let line = vec![b'a'; MAX_LINE as usize + 1];
+        let err = read_all(&line).await.unwrap_err();
+        assert!(too_much(err).contains("line longer than 65536 bytes"));
     }
 
     #[test]

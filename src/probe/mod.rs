@@ -12,6 +12,8 @@
 pub mod dns;
 pub mod http;
 pub mod imap;
+pub mod mail_auth;
+pub mod mailflow;
 pub mod smtp;
 pub mod tcp;
 pub mod tls;
@@ -42,6 +44,21 @@ pub trait Probe: Send + Sync + 'static {
     fn own_targets(&self) -> Option<Vec<(String, IpAddr)>> {
         None
     }
+
+    /// Long-lived tasks a probe needs besides its runs (mailflow's mailbox
+    /// watchers). The daemon spawns them when it applies a config and aborts
+    /// them on reload and stop; `check` and `validate` never call this.
+    fn background(&self, _ctx: &BackgroundContext) -> Vec<BoxFuture<'static, ()>> {
+        Vec::new()
+    }
+}
+
+/// What the daemon hands to [`Probe::background`]: state that outlives one
+/// config, opened once per daemon.
+#[derive(Clone)]
+pub struct BackgroundContext {
+    /// The mail ledger under `--storage.path`, with this daemon's identity.
+    pub ledger: Arc<crate::ledger::Ledger>,
 }
 
 /// Builds the probe for a check. Errors name the field (relative to the check)
@@ -53,6 +70,8 @@ pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>,
         KindSpec::Imap(spec) => Arc::new(imap::ImapProbe::new(spec, check, credentials)?),
         KindSpec::Smtp(spec) => Arc::new(smtp::SmtpProbe::new(spec, check, credentials)?),
         KindSpec::Dns(spec) => Arc::new(dns::DnsProbe::new(spec, check)?),
+        KindSpec::MailAuth(spec) => Arc::new(mail_auth::MailAuthProbe::new(spec, check)?),
+        KindSpec::Mailflow(spec) => Arc::new(mailflow::MailflowProbe::new(spec, check, credentials)?),
     })
 }
 
@@ -228,7 +247,9 @@ pub fn sanitize(text: &str) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() {
+        // Control characters (terminal escapes) and bidirectional overrides
+        // (text that displays reordered) are shown as escapes.
+        if c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -263,6 +284,9 @@ pub struct Run {
     pub cert: Option<CertFacts>,
     /// Protocol-specific measurements (see `metrics::Extra`).
     pub extras: Vec<Extra>,
+    /// The instance's environment name, set by the scheduler: mailflow labels
+    /// its mails with it (`route`), which the address alone cannot tell for `live`.
+    pub env: String,
 }
 
 impl Run {

@@ -177,7 +177,33 @@ impl Probe for SmtpProbe {
     }
 
     fn run<'a>(&'a self, ip: IpAddr, run: &'a mut Run) -> BoxFuture<'a, Result<(), Failure>> {
-        Box::pin(async move {
+        Box::pin(self.session(ip, run, None))
+    }
+}
+
+/// A message mailflow sends through [`SmtpProbe::send`], and how far it got:
+/// kept outside the session's future so a timeout can still tell whether the
+/// message may have been accepted.
+#[derive(Debug, Default)]
+pub(crate) struct Outgoing {
+    /// The complete message (headers and body).
+    pub message: Vec<u8>,
+    /// The message was written after DATA's 354: it may have been accepted
+    /// even if no reply came.
+    pub data_sent: bool,
+    /// The reply to the message (250) and when it arrived, Unix seconds.
+    pub accepted: Option<(Reply, f64)>,
+}
+
+impl SmtpProbe {
+    /// Sends `out.message` in one session (DATA in every mode), recording in
+    /// `out` how far it got. Used by mailflow.
+    pub(crate) async fn send(&self, ip: IpAddr, run: &mut Run, out: &mut Outgoing) -> Result<(), Failure> {
+        self.session(ip, run, Some(out)).await
+    }
+
+    async fn session(&self, ip: IpAddr, run: &mut Run, out: Option<&mut Outgoing>) -> Result<(), Failure> {
+        {
             let addr = SocketAddr::new(ip, self.port);
             let tcp = super::connect(ip, self.port, run).await?;
             let io: Box<dyn Io> = match self.tls {
@@ -189,7 +215,7 @@ impl Probe for SmtpProbe {
                 SmtpTls::Starttls | SmtpTls::None => Box::new(tcp),
             };
             let mut session = Session::new(io, format!("{} ({addr})", self.host));
-            let result = self.converse(&mut session, addr, run).await;
+            let result = self.converse(&mut session, addr, run, out).await;
             if let Err(f) = &result {
                 // The server is still talking: say goodbye instead of dropping it.
                 if matches!(
@@ -204,12 +230,16 @@ impl Probe for SmtpProbe {
                 }
             }
             result
-        })
+        }
     }
-}
 
-impl SmtpProbe {
-    async fn converse(&self, s: &mut Session, addr: SocketAddr, run: &mut Run) -> Result<(), Failure> {
+    async fn converse(
+        &self,
+        s: &mut Session,
+        addr: SocketAddr,
+        run: &mut Run,
+        out: Option<&mut Outgoing>,
+    ) -> Result<(), Failure> {
         let banner = run.phase("banner", s.read_reply()).await.in_phase("banner")?;
         s.expect(run, "banner", &banner, 2).in_phase("banner")?;
         expect_match(&self.banner, s, "banner", &banner).in_phase("banner")?;
@@ -300,6 +330,15 @@ impl SmtpProbe {
         }
         s.expect(run, "rcpt_to", &reply, 2).in_phase("rcpt_to")?;
 
+        if let Some(out) = out {
+            let reply = run.phase("data", s.command("DATA")).await.in_phase("data")?;
+            s.expect(run, "data", &reply, 3).in_phase("data")?;
+            out.data_sent = true;
+            let reply = run.phase("data", s.data(&out.message)).await.in_phase("data")?;
+            s.expect(run, "data", &reply, 2).in_phase("data")?;
+            out.accepted = Some((reply, crate::unix_now()));
+            return self.quit(s, run).await;
+        }
         if self.mode == SmtpMode::Submission {
             let message = self.message(addr, rcpt)?;
             let reply = run.phase("data", s.command("DATA")).await.in_phase("data")?;
@@ -668,6 +707,23 @@ impl Reply {
             .trim_end()
             .to_string()
     }
+}
+
+/// Reads replies from `stream` the way a probe does until one fails (or
+/// `max` were read): the reply reader, public for the fuzz harness (fuzz/).
+pub async fn read_replies<S>(stream: S, server: &str, max: usize) -> (Vec<Reply>, Option<Failure>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut session = Session::new(Box::new(stream), server.to_string());
+    let mut replies = Vec::new();
+    while replies.len() < max {
+        match session.read_reply().await {
+            Ok(reply) => replies.push(reply),
+            Err(failure) => return (replies, Some(failure)),
+        }
+    }
+    (replies, None)
 }
 
 /// Splits one reply line into code, whether more lines follow, and text.

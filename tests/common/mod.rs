@@ -171,8 +171,15 @@ impl Daemon {
         let (dir, config) = write_config(yaml);
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.path().join("daemon.log");
+        // The ledger goes to the test's own directory unless the test picks one.
+        let storage = dir.path().join("data");
+        let mut default_storage = vec!["--storage.path", storage.to_str().unwrap()];
+        if args.contains(&"--storage.path") {
+            default_storage.clear();
+        }
         let child = bin()
             .arg("run")
+            .args(&default_storage)
             .arg("--config.file")
             .arg(&config)
             .arg("--web.listen-address")

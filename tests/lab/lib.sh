@@ -171,16 +171,53 @@ state_ips() {
   esac
 }
 
+# A setting of the zone besides its A state, kept in $LAB/dns/NAME: `spf`
+# (old|both: the outbound addresses SPF lists), `dkim` and `dmarc` (on|off).
+zone_setting() { cat "$LAB/dns/$1" 2>/dev/null || echo "$2"; }
+
+# The SPF policy of example.test. `both` adds the new address through an
+# include, as a new provider's policy would, so an SPF evaluator's own lookups
+# (the include's TXT, its host's A) are exercised too.
+spf_record() {
+  case $1 in
+    old) echo 'v=spf1 ip4:127.0.0.10 -all' ;;
+    both) echo 'v=spf1 ip4:127.0.0.10 include:_spf-new.example.test -all' ;;
+    *) die "unknown SPF setting '$1' (old|both)" ;;
+  esac
+}
+
+# The DKIM key of selector `lab`, made once (nothing signs with it yet).
+ensure_dkim_key() {
+  local dir=$LAB/dkim log=$LAB/log/openssl.log
+  [[ -s $dir/lab.pub ]] && return 0
+  mkdir -p "$dir"
+  { openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$dir/lab.key" &&
+    openssl pkey -in "$dir/lab.key" -pubout -outform DER | base64 -w0 >"$dir/lab.pub"; } 2>>"$log" ||
+    die "making the DKIM key failed; see $log"
+  chmod 0600 "$dir/lab.key"
+}
+
+# Its key record as TXT strings: they are joined, each holds at most 255 characters.
+dkim_txt() {
+  printf '"v=DKIM1; k=rsa; p="'
+  fold -w 200 "$LAB/dkim/lab.pub" | sed 's/.*/ "&"/' | tr -d '\n'
+}
+
 # Write the example.test zone for STATE (old|new|mixed) with the next serial.
 write_zone() {
   local state=$1 zone=$LAB/dns/example.test.zone ips serial name ip
   ips=$(state_ips "$state")
+  ensure_dkim_key
   serial=$(($(cat "$LAB/dns/serial" 2>/dev/null || echo 0) + 1))
   {
     printf '$ORIGIN example.test.\n$TTL 300\n'
     printf '@ SOA ns.example.test. hostmaster.example.test. %s 3600 600 86400 300\n' "$serial"
     printf '@ NS ns.example.test.\nns A 127.0.0.30\n@ MX 10 mx.example.test.\n'
-    printf '@ TXT "v=spf1%s -all"\n' "$(printf ' ip4:%s' $ips)"
+    printf '@ TXT "%s"\n_spf-new TXT "v=spf1 a:mx-new.example.test -all"\n' "$(spf_record "$(zone_setting spf old)")"
+    [[ $(zone_setting dkim on) == off ]] || printf 'lab._domainkey TXT %s\n' "$(dkim_txt)"
+    [[ $(zone_setting dmarc on) == off ]] || printf '_dmarc TXT "v=DMARC1; p=quarantine; rua=mailto:postmaster@example.test"\n'
+    # The outbound servers' names, which the reverse zone's PTRs point to.
+    printf 'mx-old A 127.0.0.10\nmx-new A 127.0.0.20\n'
     # Too large for a 512-byte UDP answer: tests of the DNS probe's TCP retry.
     printf 'big TXT "chunk-%02d-abcdefghijklmnopqrstuvwxyz-0123456789-abcdefghijklmnopqrstuvwxyz"\n' {1..12}
     for name in "${NAMES[@]}"; do

@@ -1,0 +1,514 @@
+//! The status page (`/`) and `/api/v1/status`: what on-call needs at 3 a.m. on
+//! one screen — the migration phase and its go/no-go questions, the old/new/live
+//! matrix per check, DNS propagation, mail flow and certificates. Built from
+//! the scheduler's last states and the metrics registry; it never runs a probe.
+//!
+//! Nothing secret reaches it: probes keep passwords out of failure details, and
+//! details are shown here with credential usernames and mail addresses blanked
+//! out, because server replies echo them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use prometheus::proto::{MetricFamily, MetricType};
+use regex::{Regex, RegexBuilder};
+use serde::Serialize;
+
+use crate::config::{Config, EnvKind, KindSpec};
+use crate::metrics::Instance;
+use crate::migration::{self, Current, MailEvidence, PhaseWindow, Verdict};
+use crate::report;
+use crate::scheduler::{self, LastState, Shared};
+
+/// The page: one self-contained HTML file (inline CSS and JS, no external
+/// assets) that renders `/api/v1/status` and fetches it again every 10 s.
+pub const PAGE: &str = include_str!("status.html");
+
+/// How many hex digits of a certificate's SHA-256 the page shows: enough to
+/// tell old's from new's, short enough for a phone.
+const FINGERPRINT_PREFIX: usize = 16;
+
+/// Everything the page shows; served as `/api/v1/status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// When this snapshot was taken, Unix seconds.
+    pub generated_at: f64,
+    /// cutover-monitor's version.
+    pub version: &'static str,
+    /// Whether the last config (re)load succeeded; a failed reload keeps the previous checks running.
+    pub config_reload_ok: Option<bool>,
+    /// The phase in force and the configured phases.
+    pub phase: PhaseView,
+    /// The go/no-go questions of the phase in force.
+    pub verdicts: Vec<Verdict>,
+    /// Configured environments in file order: the matrix's columns.
+    pub environments: Vec<EnvView>,
+    /// One row per check, one cell per instance.
+    pub matrix: Vec<MatrixRow>,
+    /// DNS propagation: per record, what each resolver answers.
+    pub dns: Vec<DnsRecordView>,
+    /// The mail ledger's summary.
+    pub mail: MailView,
+    /// Certificates seen in the last runs.
+    pub certificates: Vec<CertView>,
+}
+
+/// The phase in force, plus the plan.
+#[derive(Debug, Serialize)]
+pub struct PhaseView {
+    /// The phase in force and where it comes from.
+    #[serde(flatten)]
+    pub current: Current,
+    /// The `migration` section's phases.
+    pub phases: Vec<PhaseWindow>,
+}
+
+/// A matrix column.
+#[derive(Debug, Serialize)]
+pub struct EnvView {
+    /// Its name.
+    pub name: String,
+    /// `pinned` or `live`.
+    pub kind: &'static str,
+}
+
+/// One check's instances.
+#[derive(Debug, Serialize)]
+pub struct MatrixRow {
+    /// Check name.
+    pub check: String,
+    /// Probe kind.
+    pub kind: &'static str,
+    /// Its instances in schedule order.
+    pub cells: Vec<Cell>,
+}
+
+/// One instance's last state.
+#[derive(Debug, Serialize)]
+pub struct Cell {
+    /// Environment, or the resolver's name for `dns` checks.
+    pub env: String,
+    /// Whether `env` is a configured environment (a matrix column).
+    pub environment: bool,
+    /// Pinned address, or `resolved` for live.
+    pub address: String,
+    /// `ok`, `fail`, or `pending` before the first run.
+    pub status: &'static str,
+    /// Failure reason label.
+    pub reason: Option<&'static str>,
+    /// Phase the failure happened in.
+    pub failed_phase: Option<&'static str>,
+    /// Failure detail, usernames and addresses blanked out.
+    pub detail: Option<String>,
+    /// Since when the instance is in this state, Unix seconds.
+    pub since: Option<f64>,
+    /// When its last run started.
+    pub last_run: Option<f64>,
+    /// How long the last run took.
+    pub duration_seconds: Option<f64>,
+    /// For live: the address DNS handed out.
+    pub resolved_address: Option<String>,
+    /// For live: the environment it belongs to (`unknown` when none).
+    pub resolved_env: Option<String>,
+}
+
+/// One record across a `dns` check's resolvers.
+#[derive(Debug, Serialize)]
+pub struct DnsRecordView {
+    /// Check name.
+    pub check: String,
+    /// Record name.
+    pub record: String,
+    /// Record type.
+    #[serde(rename = "type")]
+    pub rtype: &'static str,
+    /// Per resolver.
+    pub answers: Vec<DnsAnswerView>,
+    /// Resolvers answering `new`.
+    pub answering_new: usize,
+    /// When every cache still serving old should have expired it, Unix seconds.
+    pub propagation_deadline: Option<f64>,
+}
+
+/// One resolver's answer.
+#[derive(Debug, Serialize)]
+pub struct DnsAnswerView {
+    /// Resolver name.
+    pub resolver: String,
+    /// `old`, `new`, `mixed`, `other`, `nodata`, `nxdomain`, `servfail`, `refused` or `timeout`.
+    pub state: &'static str,
+    /// Lowest TTL in the answer.
+    pub ttl_seconds: Option<u32>,
+    /// When it was asked.
+    pub asked_at: f64,
+}
+
+/// The mail ledger's summary, read from the `cutover_mail_*` series.
+#[derive(Debug, Serialize)]
+pub struct MailView {
+    /// Whether any `mailflow` check is configured (or mail series exist).
+    pub configured: bool,
+    /// Per check and sending route.
+    pub routes: Vec<MailRoute>,
+}
+
+/// One mailflow route's counts.
+#[derive(Debug, Default, Serialize)]
+pub struct MailRoute {
+    /// Check name.
+    pub check: String,
+    /// The environment that sent.
+    pub route: String,
+    /// Mails the server accepted.
+    pub sent: f64,
+    /// Mails that could not be sent.
+    pub send_failures: f64,
+    /// Delivered, by the environment they landed in.
+    pub delivered: BTreeMap<String, f64>,
+    /// Not found within `late_after`.
+    pub late: f64,
+    /// Not found within `lost_after`.
+    pub lost: f64,
+    /// Extra copies.
+    pub duplicates: f64,
+    /// Sent and neither delivered nor lost yet.
+    pub in_flight: f64,
+    /// Age of the oldest of those, seconds.
+    pub oldest_in_flight_age_seconds: f64,
+    /// When a mail last became visible, by environment, Unix seconds.
+    pub last_delivered: BTreeMap<String, f64>,
+    /// Mean delivery latency, seconds.
+    pub mean_delivery_seconds: Option<f64>,
+}
+
+/// One certificate as an environment presents it, with the checks that saw it:
+/// an environment usually has one certificate for every service.
+#[derive(Debug, Serialize)]
+pub struct CertView {
+    /// Environment.
+    pub env: String,
+    /// The start of the SHA-256 fingerprint.
+    pub sha256_prefix: String,
+    /// Expiry, Unix seconds.
+    pub not_after: i64,
+    /// Issuer DN.
+    pub issuer: String,
+    /// The names it covers (subjectAltName).
+    pub names: Vec<String>,
+    /// Whether it covered the production hostname of every check that saw it.
+    pub name_matched: bool,
+    /// Checks whose last run saw it.
+    pub checks: Vec<String>,
+    /// Whether, for one of those checks, another environment's certificate covers other names.
+    pub names_differ: bool,
+}
+
+/// Takes a snapshot of everything the page shows.
+pub fn snapshot(shared: &Shared, config: &Config, current: Current) -> Status {
+    let now = crate::unix_now();
+    let specs = scheduler::instances(config);
+    let last: HashMap<Instance, LastState> = {
+        let all = shared.last.lock().expect("state lock");
+        specs
+            .iter()
+            .filter_map(|s| all.get(&s.inst).map(|l| (s.inst.clone(), l.clone())))
+            .collect()
+    };
+    let families = shared.metrics.gather();
+    let redact = Redactor::new(&config.usernames);
+
+    let mut matrix: Vec<MatrixRow> = Vec::new();
+    for spec in &specs {
+        let state = last.get(&spec.inst);
+        let outcome = state.map(|l| &l.outcome);
+        let failure = outcome.and_then(|o| o.result.as_ref().err());
+        let cell = Cell {
+            env: spec.inst.env.clone(),
+            environment: config.environments.iter().any(|e| e.name == spec.inst.env),
+            address: spec.inst.address.clone(),
+            status: match outcome.map(|o| o.success()) {
+                None => "pending",
+                Some(true) => "ok",
+                Some(false) => "fail",
+            },
+            reason: failure.map(|f| f.reason.as_str()),
+            failed_phase: failure.and_then(|f| f.phase),
+            detail: failure.map(|f| redact.apply(&f.detail)),
+            since: state.map(|l| l.since),
+            last_run: outcome.map(|o| o.started_at),
+            duration_seconds: outcome.map(|o| o.duration.as_secs_f64()),
+            resolved_address: outcome.and_then(|o| o.resolved.as_ref()).map(|(ip, _)| ip.to_string()),
+            resolved_env: outcome.and_then(|o| o.resolved.as_ref()).map(|(_, env)| env.clone()),
+        };
+        match matrix.iter_mut().find(|r| r.check == spec.inst.check) {
+            Some(row) => row.cells.push(cell),
+            None => matrix.push(MatrixRow {
+                check: spec.inst.check.clone(),
+                kind: spec.inst.kind,
+                cells: vec![cell],
+            }),
+        }
+    }
+
+    let observations: Vec<_> = specs
+        .iter()
+        .map(|s| migration::observe(config, &s.inst, last.get(&s.inst).map(|l| &l.outcome)))
+        .collect();
+    let mail = mail_view(config, &families);
+    let verdicts = migration::verdicts(
+        &config.migration,
+        &current,
+        &observations,
+        &mail_evidence(config, &mail),
+        now,
+    );
+
+    Status {
+        generated_at: now,
+        version: env!("CARGO_PKG_VERSION"),
+        config_reload_ok: gauge(&families, "cutover_config_last_reload_successful").map(|v| v == 1.0),
+        phase: PhaseView {
+            current,
+            phases: config.migration.phases.clone(),
+        },
+        verdicts,
+        environments: config
+            .environments
+            .iter()
+            .map(|e| EnvView {
+                name: e.name.clone(),
+                kind: match e.kind {
+                    EnvKind::Pinned(_) => "pinned",
+                    EnvKind::Live(_) => "live",
+                },
+            })
+            .collect(),
+        matrix,
+        dns: dns_view(&specs, &last),
+        mail,
+        certificates: cert_view(&specs, &last),
+    }
+}
+
+fn dns_view(specs: &[scheduler::InstanceSpec], last: &HashMap<Instance, LastState>) -> Vec<DnsRecordView> {
+    let mut out: Vec<DnsRecordView> = Vec::new();
+    for spec in specs.iter().filter(|s| s.inst.kind == "dns") {
+        let Some(state) = last.get(&spec.inst) else { continue };
+        for row in report::dns_rows(&state.outcome.extras) {
+            let answer = DnsAnswerView {
+                resolver: spec.inst.env.clone(),
+                state: row.state,
+                ttl_seconds: row.ttl_seconds,
+                asked_at: state.outcome.started_at,
+            };
+            let same =
+                |r: &&mut DnsRecordView| r.check == spec.inst.check && r.record == row.record && r.rtype == row.rtype;
+            let view = match out.iter_mut().find(same) {
+                Some(v) => v,
+                None => {
+                    out.push(DnsRecordView {
+                        check: spec.inst.check.clone(),
+                        record: row.record.clone(),
+                        rtype: row.rtype,
+                        answers: Vec::new(),
+                        answering_new: 0,
+                        propagation_deadline: None,
+                    });
+                    out.last_mut().expect("just pushed")
+                }
+            };
+            view.answering_new += usize::from(row.state == "new");
+            // Each resolver's summary only adds resolvers seen serving old: the latest is the largest.
+            view.propagation_deadline = match (view.propagation_deadline, row.propagation_deadline) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            view.answers.push(answer);
+        }
+    }
+    out
+}
+
+fn cert_view(specs: &[scheduler::InstanceSpec], last: &HashMap<Instance, LastState>) -> Vec<CertView> {
+    let seen: Vec<(&Instance, &crate::probe::CertFacts)> = specs
+        .iter()
+        .filter_map(|s| {
+            last.get(&s.inst)
+                .and_then(|l| l.outcome.cert.as_ref())
+                .map(|c| (&s.inst, c))
+        })
+        .collect();
+    let sorted_names = |c: &crate::probe::CertFacts| {
+        let mut names = c.dns_names.clone();
+        names.sort();
+        names
+    };
+    let mut out: Vec<(String, CertView)> = Vec::new();
+    for (inst, cert) in &seen {
+        let names = sorted_names(cert);
+        let differ = seen
+            .iter()
+            .any(|(other, c)| other.check == inst.check && other.env != inst.env && sorted_names(c) != names);
+        let view = match out.iter_mut().find(|(sha, v)| *sha == cert.sha256 && v.env == inst.env) {
+            Some((_, v)) => v,
+            None => {
+                out.push((
+                    cert.sha256.clone(),
+                    CertView {
+                        env: inst.env.clone(),
+                        sha256_prefix: cert.sha256.chars().take(FINGERPRINT_PREFIX).collect(),
+                        not_after: cert.not_after,
+                        issuer: cert.issuer.clone(),
+                        names,
+                        name_matched: true,
+                        checks: Vec::new(),
+                        names_differ: false,
+                    },
+                ));
+                &mut out.last_mut().expect("just pushed").1
+            }
+        };
+        view.name_matched &= cert.name_matched;
+        view.names_differ |= differ;
+        if !view.checks.contains(&inst.check) {
+            view.checks.push(inst.check.clone());
+        }
+    }
+    out.into_iter().map(|(_, v)| v).collect()
+}
+
+/// The `cutover_mail_*` series, summed per check and route.
+fn mail_view(config: &Config, families: &[MetricFamily]) -> MailView {
+    let mut routes: Vec<MailRoute> = Vec::new();
+    for family in families.iter().filter(|f| f.name().starts_with("cutover_mail_")) {
+        for m in family.get_metric() {
+            let label = |name: &str| {
+                m.get_label()
+                    .iter()
+                    .find(|l| l.name() == name)
+                    .map(|l| l.value().to_string())
+                    .unwrap_or_default()
+            };
+            let (check, route) = (label("check"), label("route"));
+            let r = match routes.iter_mut().find(|r| r.check == check && r.route == route) {
+                Some(r) => r,
+                None => {
+                    routes.push(MailRoute {
+                        check,
+                        route,
+                        ..MailRoute::default()
+                    });
+                    routes.last_mut().expect("just pushed")
+                }
+            };
+            let value = match family.get_field_type() {
+                MetricType::COUNTER => m.get_counter().get_value(),
+                MetricType::GAUGE => m.get_gauge().get_value(),
+                _ => 0.0,
+            };
+            match family.name() {
+                "cutover_mail_sent_total" => r.sent += value,
+                "cutover_mail_send_failures_total" => r.send_failures += value,
+                "cutover_mail_delivered_total" => *r.delivered.entry(label("delivered_env")).or_default() += value,
+                "cutover_mail_late_total" => r.late += value,
+                "cutover_mail_lost_total" => r.lost += value,
+                "cutover_mail_duplicates_total" => r.duplicates += value,
+                "cutover_mail_in_flight" => r.in_flight += value,
+                "cutover_mail_oldest_in_flight_age_seconds" => {
+                    r.oldest_in_flight_age_seconds = r.oldest_in_flight_age_seconds.max(value)
+                }
+                "cutover_mail_last_delivered_timestamp_seconds" => {
+                    r.last_delivered.insert(label("delivered_env"), value);
+                }
+                "cutover_mail_delivery_seconds" => {
+                    let h = m.get_histogram();
+                    r.mean_delivery_seconds =
+                        (h.get_sample_count() > 0).then(|| h.get_sample_sum() / h.get_sample_count() as f64);
+                }
+                _ => {}
+            }
+        }
+    }
+    let configured = config
+        .checks
+        .iter()
+        .any(|c| matches!(c.check.kind, KindSpec::Mailflow(_)));
+    MailView {
+        configured: configured || !routes.is_empty(),
+        routes,
+    }
+}
+
+/// What the mail questions go on: the latest delivery per environment, and
+/// "flowing" meaning within three intervals of the slowest mailflow check.
+fn mail_evidence(config: &Config, mail: &MailView) -> MailEvidence {
+    let intervals = config
+        .checks
+        .iter()
+        .filter(|c| matches!(c.check.kind, KindSpec::Mailflow(_)))
+        .map(|c| c.check.interval.as_secs_f64());
+    let Some(slowest) = intervals.reduce(f64::max) else {
+        return MailEvidence::Unconfigured;
+    };
+    let mut last_delivered: BTreeMap<String, f64> = BTreeMap::new();
+    for route in &mail.routes {
+        for (env, at) in &route.last_delivered {
+            let e = last_delivered.entry(env.clone()).or_insert(*at);
+            *e = e.max(*at);
+        }
+    }
+    MailEvidence::Ledger {
+        last_delivered,
+        fresh_within: 3.0 * slowest,
+    }
+}
+
+fn gauge(families: &[MetricFamily], name: &str) -> Option<f64> {
+    families
+        .iter()
+        .find(|f| f.name() == name)
+        .and_then(|f| f.get_metric().first())
+        .map(|m| m.get_gauge().get_value())
+}
+
+/// Blanks credential usernames and mail addresses out of server-supplied text.
+struct Redactor {
+    pattern: Regex,
+}
+
+impl Redactor {
+    fn new(usernames: &[String]) -> Redactor {
+        // Whole addresses first, then usernames, longest first, so no part of one is left behind.
+        let mut names: Vec<&String> = usernames.iter().filter(|u| !u.is_empty()).collect();
+        names.sort_by_key(|u| std::cmp::Reverse(u.len()));
+        let mut parts = vec![r"[^\s<>@:,;()\[\]]+@[^\s<>@:,;()\[\]]+".to_string()];
+        parts.extend(names.into_iter().map(|u| regex::escape(u)));
+        Redactor {
+            pattern: RegexBuilder::new(&parts.join("|"))
+                .case_insensitive(true)
+                .build()
+                .expect("escaped usernames form a valid pattern"),
+        }
+    }
+
+    fn apply(&self, text: &str) -> String {
+        self.pattern.replace_all(text, "<redacted>").into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_and_addresses_are_blanked_out() {
+        let r = Redactor::new(&["probe".into(), "probe@example.test".into()]);
+        assert_eq!(
+            r.apply("smtp.example.test refused the credentials of probe@example.test: 535 5.7.8 Error"),
+            "smtp.example.test refused the credentials of <redacted>: 535 5.7.8 Error"
+        );
+        assert_eq!(
+            r.apply("550 <Someone@Other.test>: unknown; user PROBE"),
+            "550 <<redacted>>: unknown; user <redacted>"
+        );
+    }
+}
