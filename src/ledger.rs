@@ -19,7 +19,7 @@
 //! few mails a minute, far from needing a connection pool.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -175,9 +175,23 @@ impl Ledger {
                 source: Box::new(e),
             }
         };
-        std::fs::create_dir_all(dir).map_err(err("creating the storage directory"))?;
+        // The daemon's own directory, readable by nobody else: it holds the
+        // marker key, and the ledger names mailboxes and servers.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(err("creating the storage directory"))?;
         let instance = read_or_create(&dir.join(INSTANCE_FILE), 8).map_err(err("instance id"))?;
         let key = read_or_create(&dir.join(KEY_FILE), 32).map_err(err("marker key"))?;
+        // SQLite creates its -wal and -shm files with the database file's mode,
+        // so creating that file 0600 first keeps all three private.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(dir.join(DB_FILE))
+            .map_err(err("creating the database file"))?;
         let conn = Connection::open(dir.join(DB_FILE)).map_err(|e| sql(&where_, "open", e))?;
         let identity = Identity {
             instance,
@@ -687,11 +701,15 @@ mod tests {
             l.found(&found("a", 1)).unwrap();
             l.intent("b", "c", "new").unwrap();
         }
-        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        let mode = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
+        // Private state: the key, the instance id, and the ledger with its WAL.
+        for file in [KEY_FILE, INSTANCE_FILE, DB_FILE] {
+            assert_eq!(mode(file), 0o600, "{file}");
+        }
+        let wal = format!("{DB_FILE}-wal");
+        if dir.path().join(&wal).exists() {
+            assert_eq!(mode(&wal), 0o600, "{wal}");
+        }
         let l = Ledger::open(dir.path(), MailMetrics::unregistered()).unwrap();
         assert_eq!(l.entry("b").unwrap().unwrap().state, "send_unknown");
         assert_eq!(l.found(&found("b", 2)).unwrap(), Sighting::Delivered);

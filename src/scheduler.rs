@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, EnvKind, KindSpec, LoadedCheck, ResolverAddr};
@@ -115,9 +116,23 @@ async fn run_admitted(spec: &InstanceSpec, config: &Config) -> Outcome {
     let mut run = Run::default();
     run.env = spec.inst.env.clone();
     let mut resolved = None;
-    let attempt = attempt(spec, config, &mut run, &mut resolved);
+    // A panic in a probe (a bug, or a library tripped by a hostile reply) must
+    // fail this run, not end the instance's task and silently stop the check.
+    let attempt = std::panic::AssertUnwindSafe(attempt(spec, config, &mut run, &mut resolved)).catch_unwind();
     let result = match tokio::time::timeout(timeout, attempt).await {
-        Ok(result) => result,
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(check = %spec.inst.check, env = %spec.inst.env, panic = %crate::probe::sanitize(&what), "probe panicked; this is a bug");
+            Err(Failure::new(
+                FailureReason::Protocol,
+                format!("the probe panicked: {what}"),
+            ))
+        }
         Err(_) => Err(Failure {
             reason: FailureReason::Timeout,
             phase: run.current_phase(),
@@ -357,6 +372,37 @@ async fn instance_loop(spec: InstanceSpec, config: Arc<Config>, shared: Arc<Shar
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A probe with a bug.
+    struct Panics;
+
+    impl crate::probe::Probe for Panics {
+        fn hostname(&self) -> &str {
+            "panic.test"
+        }
+        fn run<'a>(&'a self, _: IpAddr, _: &'a mut Run) -> futures::future::BoxFuture<'a, Result<(), Failure>> {
+            Box::pin(async { panic!("index out of bounds") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_probe_fails_its_run_and_the_instance_lives_on() {
+        let text =
+            "environments: {old: {addresses: [127.0.0.1]}}\nchecks: [{name: p, kind: tcp, host: a.test, port: 1}]\n";
+        let mut config = crate::config::parse(std::path::Path::new("c.yaml"), text).unwrap();
+        config.checks[0].probe = Arc::new(Panics);
+        let spec = instances(&config).remove(0);
+        for _ in 0..2 {
+            let outcome = run_once(&spec, &config).await;
+            let failure = outcome.result.unwrap_err();
+            assert_eq!(failure.reason, FailureReason::Protocol);
+            assert!(
+                failure.detail.contains("panicked: index out of bounds"),
+                "{}",
+                failure.detail
+            );
+        }
+    }
 
     #[test]
     fn offsets_are_stable_and_within_the_interval() {
