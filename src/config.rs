@@ -757,6 +757,26 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+impl ConfigErrors {
+    /// One problem with the file as a whole (unreadable, not a mapping), at
+    /// `line:col` when known and `0:0` otherwise.
+    pub(crate) fn whole(file: &Path, line: usize, col: usize, message: impl Into<String>) -> Self {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_owned(),
+            line,
+            col,
+            field: String::new(),
+            message: message.into(),
+        }])
+    }
+
+    /// A YAML syntax error, at the position serde_yaml gives.
+    pub(crate) fn yaml(file: &Path, e: &serde_yaml::Error) -> Self {
+        let (line, col) = e.location().map(|p| (p.line(), p.column())).unwrap_or((0, 0));
+        Self::whole(file, line, col, e.to_string())
+    }
+}
+
 /// Field path -> position of its key (or, for sequence items, the item).
 struct Positions(HashMap<String, (usize, usize)>);
 
@@ -975,34 +995,15 @@ impl<'a> Loader<'a> {
 
 /// Reads and validates a check file, reporting every problem at once.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            file: path.to_owned(),
-            line: 0,
-            col: 0,
-            field: String::new(),
-            message: format!("cannot read: {e}"),
-        }])
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigErrors::whole(path, 0, 0, format!("cannot read: {e}")))?;
     parse(path, &text)
 }
 
 /// Validates check-file text; `path` is used in messages and for relative paths.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let mut l = Loader::new(path, text);
-    let root: Value = match serde_yaml::from_str(text) {
-        Ok(v) => v,
-        Err(e) => {
-            let (line, col) = e.location().map(|p| (p.line(), p.column())).unwrap_or((0, 0));
-            return Err(ConfigErrors(vec![ConfigError {
-                file: path.to_owned(),
-                line,
-                col,
-                field: String::new(),
-                message: e.to_string(),
-            }]));
-        }
-    };
+    let root: Value = serde_yaml::from_str(text).map_err(|e| ConfigErrors::yaml(path, &e))?;
     let Value::Mapping(mut root) = root else {
         l.error("", "expected a mapping with `environments` and `checks`");
         return Err(ConfigErrors(l.errors));

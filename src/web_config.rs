@@ -31,7 +31,7 @@ use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 use sha2::{Digest, Sha256};
 
-use crate::config::{ConfigError, ConfigErrors, Loader, warn_if_readable_by_others};
+use crate::config::{ConfigErrors, Loader, warn_if_readable_by_others};
 
 /// The web config in force. The default (no file) serves plain HTTP to anyone.
 #[derive(Default)]
@@ -103,46 +103,27 @@ const SECTIONS: &str = "`tls_server_config`, `http_server_config`, `basic_auth_u
 /// `file:line:col: field: message`. Secret values (keys, hashes) are never
 /// quoted in messages.
 pub fn load(path: &Path) -> Result<WebConfig, ConfigErrors> {
-    let whole = |message: String| {
-        ConfigErrors(vec![ConfigError {
-            file: path.to_owned(),
-            line: 0,
-            col: 0,
-            field: String::new(),
-            message,
-        }])
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| whole(format!("cannot read: {e}")))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigErrors::whole(path, 0, 0, format!("cannot read: {e}")))?;
     parse(path, &text)
 }
 
 /// Validates web-config text; `path` names the file in messages and anchors
 /// relative paths (also the fuzz harness's entry, fuzz/).
 pub fn parse(path: &Path, text: &str) -> Result<WebConfig, ConfigErrors> {
-    let whole = |message: String| {
-        ConfigErrors(vec![ConfigError {
-            file: path.to_owned(),
-            line: 0,
-            col: 0,
-            field: String::new(),
-            message,
-        }])
-    };
-    let root: Value = serde_yaml::from_str(text).map_err(|e| {
-        let (line, col) = e.location().map(|p| (p.line(), p.column())).unwrap_or((0, 0));
-        ConfigErrors(vec![ConfigError {
-            file: path.to_owned(),
-            line,
-            col,
-            field: String::new(),
-            message: e.to_string(),
-        }])
-    })?;
+    let root: Value = serde_yaml::from_str(text).map_err(|e| ConfigErrors::yaml(path, &e))?;
     let mut l = Loader::new(path, text);
     let mut root = match root {
         Value::Mapping(m) => m,
         Value::Null => Mapping::new(),
-        _ => return Err(whole(format!("expected a mapping with {SECTIONS}"))),
+        _ => {
+            return Err(ConfigErrors::whole(
+                path,
+                0,
+                0,
+                format!("expected a mapping with {SECTIONS}"),
+            ));
+        }
     };
     for key in root.keys() {
         match key.as_str() {
