@@ -223,6 +223,12 @@ write_zone() {
     for name in "${NAMES[@]}"; do
       for ip in $ips; do printf '%s A %s\n' "$name" "$ip"; done
     done
+    # The provider's SPF policy that hosted customer domains include
+    # (tests/lab/customers), and the autoconfig host their CNAMEs point to.
+    printf 'spf TXT "v=spf1 ip4:127.0.0.10 ip4:127.0.0.20 -all"\n'
+    if [[ " ${NAMES[*]} " != *" autoconfig "* ]]; then
+      for ip in $ips; do printf 'autoconfig A %s\n' "$ip"; done
+    fi
   } >"$zone.new"
   replace_file "$zone"
   echo "$serial" >"$LAB/dns/serial"
