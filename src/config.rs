@@ -113,6 +113,8 @@ pub enum KindSpec {
     MailAuth(MailAuthSpec),
     /// End-to-end mail flow: one probe mail per interval, found again over IMAP.
     Mailflow(MailflowSpec),
+    /// Audit of the customers' own domains: which still point at old addresses.
+    HostedDomains(HostedDomainsSpec),
 }
 
 impl KindSpec {
@@ -126,6 +128,7 @@ impl KindSpec {
             KindSpec::Dns(_) => "dns",
             KindSpec::MailAuth(_) => "mail_auth",
             KindSpec::Mailflow(_) => "mailflow",
+            KindSpec::HostedDomains(_) => "hosted_domains",
         }
     }
 }
@@ -508,6 +511,86 @@ pub struct MailflowWatch {
     #[serde(skip)]
     #[schemars(skip)]
     pub addresses: Vec<IpAddr>,
+}
+
+/// Default time between two audits of a `hosted_domains` check: customers fix
+/// their DNS in hours, and an audit asks thousands of questions.
+pub const DEFAULT_AUDIT_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// `kind: hosted_domains`: the customers' own domains, read from a file, each
+/// classified by what in its DNS still points at the old environment (MX host,
+/// SPF literal, autoconfig) or will fail from the new one (SPF evaluation).
+/// Runs once per check through its own resolvers, so it takes no `envs`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostedDomainsSpec {
+    /// One domain per line; `#` starts a comment. Relative to the check file;
+    /// read again on every reload.
+    pub domains_file: PathBuf,
+    /// The resolvers to ask, by name (the `resolver` label); queries are spread
+    /// over them and a failed one is retried on the next.
+    pub resolvers: BTreeMap<String, IpAddr>,
+    /// The port every resolver listens on; 53 when omitted.
+    #[serde(default = "default_dns_port")]
+    pub port: u16,
+    /// The provider's MX host names: an MX pointing at one of them is fine
+    /// whatever its address.
+    pub mx_hosts: Vec<String>,
+    /// The SPF include the provider publishes for its outbound servers, e.g.
+    /// `spf.example.com`; suggested fixes recommend it.
+    pub spf_include: String,
+    /// Names at or under these domains are the provider's (CNAME and SRV
+    /// targets of autoconfig); the parents of `mx_hosts` and `spf_include` when omitted.
+    #[serde(default)]
+    pub provider_domains: Vec<String>,
+    /// The environment being left; `old` when omitted.
+    #[serde(default = "default_old_env")]
+    pub old_env: String,
+    /// The environment being moved to; `new` when omitted.
+    #[serde(default = "default_new_env")]
+    pub new_env: String,
+    /// Outbound (sending) addresses per environment, when they differ from the
+    /// environment's `addresses` (which are taken as inbound and outbound).
+    #[serde(default)]
+    pub outbound: BTreeMap<String, Vec<IpAddr>>,
+    /// Queries per second allowed to each resolver; 50 when omitted.
+    #[serde(default = "default_rate_limit")]
+    pub rate_limit: f64,
+    /// Domains audited at the same time; 16 when omitted.
+    #[serde(default = "default_audit_concurrency")]
+    pub concurrency: usize,
+    /// Deadline for one query; `2s` when omitted.
+    pub query_timeout: Option<Dur>,
+    /// Further attempts (on the next resolver) after a query times out or
+    /// fails with SERVFAIL/REFUSED; 2 when omitted.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// The HELO name of the new outbound servers, for SPF; the first of `mx_hosts` when omitted.
+    pub helo: Option<String>,
+    /// `domains_file` made absolute by the loader.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub domains_path: PathBuf,
+}
+
+fn default_old_env() -> String {
+    "old".into()
+}
+
+fn default_new_env() -> String {
+    "new".into()
+}
+
+fn default_rate_limit() -> f64 {
+    50.0
+}
+
+fn default_audit_concurrency() -> usize {
+    16
+}
+
+fn default_retries() -> u32 {
+    2
 }
 
 /// A duration written as `30s`, `2m` or `1h30m`; bare numbers are refused
@@ -1212,7 +1295,7 @@ fn load_checks(
         if kind_name.is_none() {
             l.error(
                 format!("{at}.kind"),
-                "missing field `kind` (one of `http`, `tcp`, `smtp`, `imap`, `dns`, `mail_auth`, `mailflow`)",
+                "missing field `kind` (one of `http`, `tcp`, `smtp`, `imap`, `dns`, `mail_auth`, `mailflow`, `hosted_domains`)",
             );
             continue;
         }
@@ -1238,14 +1321,22 @@ fn load_checks(
                 }
             }
         }
+        if let KindSpec::HostedDomains(spec) = &mut kind {
+            spec.domains_path = l.relative(&spec.domains_file);
+        }
         if !seen.insert(common.name.clone()) {
             l.error(format!("{at}.name"), format!("duplicate check name `{}`", common.name));
         }
         let interval = match kind {
             KindSpec::Mailflow(_) => common.interval.map_or(DEFAULT_MAILFLOW_INTERVAL, |d| d.0),
+            KindSpec::HostedDomains(_) => common.interval.map_or(DEFAULT_AUDIT_INTERVAL, |d| d.0),
             _ => common.interval.or(defaults.interval).map_or(DEFAULT_INTERVAL, |d| d.0),
         };
-        let timeout = common.timeout.or(defaults.timeout).map_or(DEFAULT_TIMEOUT, |d| d.0);
+        let timeout = match kind {
+            // An audit takes minutes: it may use most of its interval.
+            KindSpec::HostedDomains(_) => common.timeout.map_or(interval - interval / 10, |d| d.0),
+            _ => common.timeout.or(defaults.timeout).map_or(DEFAULT_TIMEOUT, |d| d.0),
+        };
         if interval.is_zero() {
             l.error(format!("{at}.interval"), "must be above 0s");
         }
@@ -1290,11 +1381,14 @@ fn load_checks(
             roots,
             kind,
         });
-        if matches!(check.kind, KindSpec::Dns(_)) && !common.envs.is_empty() {
-            // It runs once per resolver; its expected sets may still use every environment.
+        if matches!(check.kind, KindSpec::Dns(_) | KindSpec::HostedDomains(_)) && !common.envs.is_empty() {
+            // It runs on its own resolvers; its expectations may still use every environment.
             l.error(
                 format!("{at}.envs"),
-                "a `dns` check asks its own resolvers, not environments: remove `envs`",
+                format!(
+                    "a `{}` check asks its own resolvers, not environments: remove `envs`",
+                    check.kind.name()
+                ),
             );
             continue;
         }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use cutover_monitor::probe::hosted_domains::{Finding, HostedDomainsProbe, Progress};
 use cutover_monitor::{client, config, daemon, migration, report, scheduler};
 use hyper::Method;
 
@@ -109,8 +110,36 @@ enum Command {
         #[arg(long = "web.config.file")]
         web_config_file: Option<PathBuf>,
     },
+    /// Audit the customer domains of the `hosted_domains` checks once and print
+    /// each domain with a problem, its offending records and the suggested fix
+    /// (exit 0 when the audit ran, 3 when it could not).
+    Domains {
+        /// The check file.
+        #[arg(long = "config.file", default_value = "checks/lab.yaml")]
+        config_file: PathBuf,
+        /// Only these hosted_domains checks (repeatable); all when omitted.
+        #[arg(long)]
+        check: Vec<String>,
+        /// Only domains with one of these findings (repeatable or comma-separated); every finding but `ok` when omitted.
+        #[arg(long, value_parser = finding_name, value_delimiter = ',')]
+        finding: Vec<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = DomainsFormat::Table)]
+        format: DomainsFormat,
+    },
     /// Print the JSON Schema of the check file, for editors.
     Schema,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DomainsFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+fn finding_name(text: &str) -> Result<String, String> {
+    Finding::parse(text).map(|f| f.as_str().to_string())
 }
 
 fn main() -> ExitCode {
@@ -179,6 +208,12 @@ fn main() -> ExitCode {
                 _ => ExitCode::FAILURE,
             }
         }
+        Command::Domains {
+            config_file,
+            check,
+            finding,
+            format,
+        } => ExitCode::from(runtime.block_on(run_domains(config_file, check, finding, format)) as u8),
         Command::Schema => {
             println!("{:#}", config::json_schema());
             ExitCode::SUCCESS
@@ -204,6 +239,8 @@ async fn run_check(
         .into_iter()
         .filter(|s| envs.is_empty() || envs.contains(&s.inst.env))
         .filter(|s| checks.is_empty() || checks.contains(&s.inst.check))
+        // An audit of thousands of domains is the `domains` command's job.
+        .filter(|s| s.inst.kind != "hosted_domains" || checks.contains(&s.inst.check))
         .collect();
     if specs.is_empty() {
         eprintln!("no check instance matches --env {envs:?} --check {checks:?}");
@@ -238,6 +275,111 @@ async fn run_check(
         print!("{}", report::go_no_go(&current, &verdicts));
     }
     report::exit_code(&rows)
+}
+
+/// `domains`: one audit per selected `hosted_domains` check, with a progress
+/// bar on a terminal, then the rows on stdout and a summary on stderr.
+async fn run_domains(config_file: PathBuf, checks: Vec<String>, findings: Vec<String>, format: DomainsFormat) -> i32 {
+    let config = match config::load(&config_file) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return report::EXIT_UNKNOWN;
+        }
+    };
+    // Built again from the validated spec: the daemon's probes are opaque.
+    let audits: Vec<(&str, HostedDomainsProbe)> = config
+        .checks
+        .iter()
+        .filter(|c| checks.is_empty() || checks.contains(&c.check.name))
+        .filter_map(|c| match &c.check.kind {
+            config::KindSpec::HostedDomains(spec) => HostedDomainsProbe::new(spec, &c.check)
+                .ok()
+                .map(|p| (c.check.name.as_str(), p)),
+            _ => None,
+        })
+        .collect();
+    if audits.is_empty() {
+        eprintln!(
+            "{}: no hosted_domains check{}",
+            config_file.display(),
+            if checks.is_empty() {
+                String::new()
+            } else {
+                format!(" named {checks:?}")
+            }
+        );
+        return report::EXIT_UNKNOWN;
+    }
+    let wanted: Vec<Finding> = if findings.is_empty() {
+        Finding::ALL.into_iter().filter(|f| *f != Finding::Ok).collect()
+    } else {
+        findings.iter().filter_map(|f| Finding::parse(f).ok()).collect()
+    };
+    let mut reports = Vec::new();
+    for (name, probe) in audits {
+        let progress = std::sync::Arc::new(Progress::default());
+        let bar = progress_bar(name, &progress);
+        let result = probe.audit(&progress).await;
+        bar.abort();
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!("\r\x1b[2K");
+        }
+        match result {
+            Ok(report) => reports.push(report),
+            Err(failure) => {
+                eprintln!("{name}: the audit failed: {failure}");
+                return report::EXIT_UNKNOWN;
+            }
+        }
+    }
+    let lines: Vec<report::DomainLine> = reports
+        .iter()
+        .flat_map(|r| {
+            r.domains
+                .iter()
+                .filter(|row| wanted.iter().any(|f| row.has(*f)))
+                .map(|row| report::DomainLine { check: &r.check, row })
+        })
+        .collect();
+    match format {
+        DomainsFormat::Table => print!("{}", report::domains_table(&lines)),
+        DomainsFormat::Csv => print!("{}", report::domains_csv(&lines)),
+        DomainsFormat::Json => println!("{}", serde_json::to_string_pretty(&lines).expect("rows serialize")),
+    }
+    for r in &reports {
+        eprint!("{}", report::audit_summary(r));
+    }
+    report::EXIT_OK
+}
+
+/// Redraws `domains done/total` on stderr every 200 ms while an audit runs,
+/// only when stderr is a terminal (logs and pipes get the summary alone).
+fn progress_bar(check: &str, progress: &std::sync::Arc<Progress>) -> tokio::task::JoinHandle<()> {
+    let (check, progress) = (check.to_string(), progress.clone());
+    tokio::spawn(async move {
+        if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            return;
+        }
+        let start = std::time::Instant::now();
+        loop {
+            let done = progress.done.load(std::sync::atomic::Ordering::Relaxed);
+            let total = progress.total.load(std::sync::atomic::Ordering::Relaxed).max(1);
+            let filled = done * 30 / total;
+            let elapsed = start.elapsed().as_secs_f64();
+            let left = if done > 0 {
+                format!(", ~{:.0} s left", elapsed / done as f64 * (total - done) as f64)
+            } else {
+                String::new()
+            };
+            eprint!(
+                "\r\x1b[2K{check}: [{}{}] {done}/{total} domains, {elapsed:.0} s{left}",
+                "#".repeat(filled),
+                ".".repeat(30 - filled)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
 }
 
 /// `phase show|set|clear`: one call to the running daemon's API.

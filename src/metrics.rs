@@ -13,6 +13,7 @@ use prometheus::{Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCount
 
 use crate::probe::Outcome;
 use crate::probe::dns::AnswerState;
+use crate::probe::hosted_domains::{AuditReport, Finding};
 use crate::probe::mail_auth::SpfVerdict;
 
 /// Name and help of every metric, in the order the README documents them.
@@ -103,6 +104,34 @@ pub const CATALOG: &[(&str, &str)] = &[
         "Whether a domain's DMARC record exists and parses.",
     ),
     (
+        "cutover_hosted_domains",
+        "Customer domains of a hosted_domains check per finding in its last audit (ok, mx_old_ip, mx_foreign, spf_old_ip_literal, spf_fails_new, spf_permerror, autoconfig_old_ip, dns_error, nxdomain); a domain counts once for each finding it has.",
+    ),
+    (
+        "cutover_hosted_domains_audited",
+        "Customer domains in the last audit of a hosted_domains check (valid, distinct lines of its domains file).",
+    ),
+    (
+        "cutover_hosted_domains_skipped_lines",
+        "Lines of the domains file skipped in the last audit, by reason (invalid, duplicate).",
+    ),
+    (
+        "cutover_hosted_domains_audit_duration_seconds",
+        "Duration of the last finished audit of a hosted_domains check.",
+    ),
+    (
+        "cutover_hosted_domains_last_audit_timestamp_seconds",
+        "Unix time at which the last audit of a hosted_domains check finished.",
+    ),
+    (
+        "cutover_hosted_domains_queries_total",
+        "DNS queries sent by hosted_domains audits, by resolver and result (noerror, nxdomain, servfail, refused, other_rcode, timeout, error).",
+    ),
+    (
+        "cutover_hosted_domains_changes_total",
+        "Customer domains whose findings changed between two audits: `fixed` (to ok), `regressed` (from ok), `changed` (between problems).",
+    ),
+    (
         "cutover_check_instances",
         "Check instances currently scheduled: check x environment x address, or check x resolver for dns.",
     ),
@@ -179,6 +208,9 @@ const SPF_LABELS: [&str; 5] = ["check", "domain", "env", "address", "result"];
 const PTR_LABELS: [&str; 3] = ["check", "env", "address"];
 const DKIM_LABELS: [&str; 3] = ["check", "domain", "selector"];
 const DMARC_LABELS: [&str; 2] = ["check", "domain"];
+/// Labels of the hosted-domain audit series: counts only, never a domain.
+const AUDIT_FINDING_LABELS: [&str; 2] = ["check", "finding"];
+const AUDIT_QUERY_LABELS: [&str; 3] = ["check", "resolver", "result"];
 
 /// A protocol-specific measurement a probe returns on its [`Outcome`].
 #[derive(Debug, Clone, PartialEq)]
@@ -271,6 +303,9 @@ pub enum Extra {
         /// `_dmarc.<domain>` exists and parses.
         ok: bool,
     },
+    /// A finished hosted-domain audit: `cutover_hosted_domains*` (counts per
+    /// finding, duration, queries). The rows go to the API, not to metrics.
+    HostedDomains(std::sync::Arc<crate::probe::hosted_domains::AuditReport>),
 }
 
 impl Extra {
@@ -317,6 +352,7 @@ impl Extra {
                 },
             ) => (domain, selector) == (d, s),
             (Extra::DmarcRecordOk { domain, .. }, Extra::DmarcRecordOk { domain: d, .. }) => domain == d,
+            (Extra::HostedDomains(_), Extra::HostedDomains(_)) => true,
             _ => self == other,
         }
     }
@@ -383,6 +419,13 @@ pub struct Metrics {
     ptr_ok: GaugeVec,
     dkim_ok: GaugeVec,
     dmarc_ok: GaugeVec,
+    audit_findings: GaugeVec,
+    audit_domains: GaugeVec,
+    audit_skipped: GaugeVec,
+    audit_duration: GaugeVec,
+    audit_last: GaugeVec,
+    audit_queries: IntCounterVec,
+    audit_changes: IntCounterVec,
     instances: Gauge,
     reload_ok: Gauge,
     reload_ts: Gauge,
@@ -469,6 +512,13 @@ impl Metrics {
             ptr_ok: gauge("cutover_ptr_ok", &PTR_LABELS),
             dkim_ok: gauge("cutover_dkim_record_ok", &DKIM_LABELS),
             dmarc_ok: gauge("cutover_dmarc_record_ok", &DMARC_LABELS),
+            audit_findings: gauge("cutover_hosted_domains", &AUDIT_FINDING_LABELS),
+            audit_domains: gauge("cutover_hosted_domains_audited", &["check"]),
+            audit_skipped: gauge("cutover_hosted_domains_skipped_lines", &["check", "reason"]),
+            audit_duration: gauge("cutover_hosted_domains_audit_duration_seconds", &["check"]),
+            audit_last: gauge("cutover_hosted_domains_last_audit_timestamp_seconds", &["check"]),
+            audit_queries: counter("cutover_hosted_domains_queries_total", &AUDIT_QUERY_LABELS),
+            audit_changes: counter("cutover_hosted_domains_changes_total", &["check", "direction"]),
             instances: single("cutover_check_instances"),
             reload_ok: single("cutover_config_last_reload_successful"),
             reload_ts: single("cutover_config_last_reload_success_timestamp_seconds"),
@@ -538,9 +588,15 @@ impl Metrics {
         t.cert = cert;
 
         for old in std::mem::take(&mut t.extras) {
-            if !outcome.extras.iter().any(|e| e.same_series(&old)) {
-                self.remove_extra(inst, &old);
+            if outcome.extras.iter().any(|e| e.same_series(&old)) {
+                continue;
             }
+            if matches!(old, Extra::HostedDomains(_)) {
+                // A failed audit publishes nothing: the last one stays in force.
+                t.extras.push(old);
+                continue;
+            }
+            self.remove_extra(inst, &old);
         }
         for extra in &outcome.extras {
             match extra {
@@ -557,6 +613,7 @@ impl Metrics {
                 | Extra::PtrOk { .. }
                 | Extra::DkimRecordOk { .. }
                 | Extra::DmarcRecordOk { .. } => self.record_mail_auth(&inst.check, extra, true),
+                Extra::HostedDomains(report) => self.record_audit(&inst.check, report),
             }
             t.extras.push(extra.clone());
         }
@@ -592,7 +649,74 @@ impl Metrics {
                 self.record_mail_auth(&inst.check, extra, false);
                 Ok(())
             }
+            Extra::HostedDomains(report) => {
+                self.remove_audit(&inst.check, report);
+                Ok(())
+            }
         };
+    }
+
+    /// Publishes a finished audit: counts per finding (every finding, 0 when
+    /// none), size, skipped lines, timing and the queries it sent.
+    fn record_audit(&self, check: &str, report: &AuditReport) {
+        for (finding, n) in report.counts() {
+            self.audit_findings
+                .with_label_values(&[check, finding.as_str()])
+                .set(n as f64);
+        }
+        self.audit_domains
+            .with_label_values(&[check])
+            .set(report.domains.len() as f64);
+        self.audit_skipped
+            .with_label_values(&[check, "invalid"])
+            .set(report.input.invalid as f64);
+        self.audit_skipped
+            .with_label_values(&[check, "duplicate"])
+            .set(report.input.duplicates as f64);
+        self.audit_duration
+            .with_label_values(&[check])
+            .set(report.duration_seconds);
+        self.audit_last
+            .with_label_values(&[check])
+            .set(report.started_at + report.duration_seconds);
+        for resolver in &report.queries {
+            for (result, n) in &resolver.counts {
+                self.audit_queries
+                    .with_label_values(&[check, &resolver.resolver, result.as_str()])
+                    .inc_by(*n);
+            }
+        }
+        for direction in ["fixed", "regressed", "changed"] {
+            self.audit_changes.with_label_values(&[check, direction]);
+        }
+    }
+
+    fn remove_audit(&self, check: &str, report: &AuditReport) {
+        for finding in Finding::ALL {
+            let _ = self.audit_findings.remove_label_values(&[check, finding.as_str()]);
+        }
+        let _ = self.audit_domains.remove_label_values(&[check]);
+        for reason in ["invalid", "duplicate"] {
+            let _ = self.audit_skipped.remove_label_values(&[check, reason]);
+        }
+        let _ = self.audit_duration.remove_label_values(&[check]);
+        let _ = self.audit_last.remove_label_values(&[check]);
+        for resolver in &report.queries {
+            for (result, _) in &resolver.counts {
+                let _ = self
+                    .audit_queries
+                    .remove_label_values(&[check, &resolver.resolver, result.as_str()]);
+            }
+        }
+        for direction in ["fixed", "regressed", "changed"] {
+            let _ = self.audit_changes.remove_label_values(&[check, direction]);
+        }
+    }
+
+    /// Counts customer domains whose findings changed between two audits
+    /// (`direction`: fixed, regressed, changed).
+    pub fn hosted_domain_changes(&self, check: &str, direction: &str, n: u64) {
+        self.audit_changes.with_label_values(&[check, direction]).inc_by(n);
     }
 
     /// The DNS series carry their own labels (record, type, resolver) in place

@@ -296,3 +296,123 @@ fn timestamp(unix: f64) -> String {
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(unix.max(0.0));
     humantime::format_rfc3339_seconds(at).to_string()
 }
+
+/// One audited domain as the `domains` command prints it.
+#[derive(Debug, Serialize)]
+pub struct DomainLine<'a> {
+    /// The `hosted_domains` check that audited it.
+    pub check: &'a str,
+    /// The row.
+    #[serde(flatten)]
+    pub row: &'a crate::probe::hosted_domains::DomainRow,
+}
+
+/// The `domains` table: domain and findings, then each offending record and
+/// each suggested fix on lines of their own, so it reads like a mail to the customer.
+pub fn domains_table(lines: &[DomainLine]) -> String {
+    let findings = |l: &DomainLine| l.row.findings.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(",");
+    let width = lines.iter().map(|l| l.row.domain.len()).max().unwrap_or(0).max(6);
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<width$}  FINDINGS", "DOMAIN");
+    for l in lines {
+        let _ = writeln!(out, "{:<width$}  {}", l.row.domain, findings(l));
+        for r in &l.row.records {
+            let _ = writeln!(out, "{:<width$}    record: {}", "", crate::probe::sanitize(r));
+        }
+        for f in &l.row.fixes {
+            let _ = writeln!(out, "{:<width$}    fix:    {}", "", crate::probe::sanitize(f));
+        }
+    }
+    out
+}
+
+/// The `domains` rows as CSV (RFC 4180 quoting): check, domain, findings
+/// (space-separated), records and fixes (each joined by ` | `).
+pub fn domains_csv(lines: &[DomainLine]) -> String {
+    fn field(text: &str) -> String {
+        // A leading =, +, - or @ would be a formula in a spreadsheet.
+        let text = if text.starts_with(['=', '+', '-', '@']) {
+            format!("'{text}")
+        } else {
+            text.to_string()
+        };
+        if text.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", text.replace('"', "\"\""))
+        } else {
+            text
+        }
+    }
+    let mut out = String::from("check,domain,findings,records,fixes\r\n");
+    for l in lines {
+        let findings: Vec<&str> = l.row.findings.iter().map(|f| f.as_str()).collect();
+        let _ = write!(
+            out,
+            "{},{},{},{},{}\r\n",
+            field(l.check),
+            field(&l.row.domain),
+            field(&findings.join(" ")),
+            field(&l.row.records.join(" | ")),
+            field(&l.row.fixes.join(" | "))
+        );
+    }
+    out
+}
+
+/// The one-line summary of an audit printed after the rows.
+pub fn audit_summary(report: &crate::probe::hosted_domains::AuditReport) -> String {
+    let counts: Vec<String> = report
+        .counts()
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(f, n)| format!("{f} {n}"))
+        .collect();
+    let queries: u64 = report.queries.iter().flat_map(|r| &r.counts).map(|(_, n)| n).sum();
+    let mut out = format!(
+        "{}: {} domains audited in {:.1} s with {} queries: {}\n",
+        report.check,
+        report.domains.len(),
+        report.duration_seconds,
+        queries,
+        counts.join(", ")
+    );
+    let input = &report.input;
+    if input.invalid + input.duplicates > 0 {
+        let _ = writeln!(
+            out,
+            "{}: skipped {} invalid and {} duplicate lines of {}:",
+            report.check,
+            input.invalid,
+            input.duplicates,
+            input.file.display()
+        );
+        for p in &input.problems {
+            let _ = writeln!(out, "  {}", crate::probe::sanitize(p));
+        }
+        let shown = input.problems.len();
+        if input.invalid + input.duplicates > shown {
+            let _ = writeln!(out, "  … and {} more", input.invalid + input.duplicates - shown);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod domain_output_tests {
+    use super::*;
+    use crate::probe::hosted_domains::{DomainRow, Finding};
+
+    #[test]
+    fn csv_quotes_and_defuses_formulas() {
+        let row = DomainRow {
+            domain: "a.test".into(),
+            findings: vec![Finding::SpfOldIpLiteral, Finding::SpfFailsNew],
+            records: vec!["TXT \"v=spf1 ip4:192.0.2.10 -all\"".into()],
+            fixes: vec!["=HYPERLINK(\"x\")".into(), "b, c".into()],
+        };
+        let csv = domains_csv(&[DomainLine { check: "c", row: &row }]);
+        assert_eq!(
+            csv,
+            "check,domain,findings,records,fixes\r\nc,a.test,spf_old_ip_literal spf_fails_new,\"TXT \"\"v=spf1 ip4:192.0.2.10 -all\"\"\",\"'=HYPERLINK(\"\"x\"\") | b, c\"\r\n"
+        );
+    }
+}

@@ -19,7 +19,8 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, EnvKind, KindSpec, LoadedCheck, ResolverAddr};
 use crate::ledger::Ledger;
-use crate::metrics::{Instance, Metrics};
+use crate::metrics::{Extra, Instance, Metrics};
+use crate::probe::hosted_domains::{AuditReport, Change, changes};
 use crate::probe::{BackgroundContext, Failure, FailureReason, InPhase, Outcome, Run};
 use crate::resolve;
 
@@ -201,7 +202,25 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Last state per instance.
     pub last: Mutex<HashMap<Instance, LastState>>,
+    /// Per `hosted_domains` check: its last finished audit and change log.
+    pub audits: Mutex<HashMap<String, AuditState>>,
 }
+
+/// What the daemon keeps of a `hosted_domains` check between audits.
+#[derive(Debug, Clone)]
+pub struct AuditState {
+    /// The last finished audit; a failed one never replaces it.
+    pub report: Arc<AuditReport>,
+    /// The latest changes, newest last, at most [`MAX_CHANGES_KEPT`].
+    pub changes: std::collections::VecDeque<Change>,
+}
+
+/// Changes kept per check for `/api/v1/domains`.
+pub const MAX_CHANGES_KEPT: usize = 1000;
+
+/// Changes logged one line each per audit; beyond, one summary line, so an
+/// outage of a big DNS host cannot flood the log.
+const MAX_CHANGES_LOGGED: usize = 100;
 
 impl Shared {
     /// Fresh state around a registry.
@@ -209,12 +228,18 @@ impl Shared {
         Arc::new(Shared {
             metrics,
             last: Mutex::new(HashMap::new()),
+            audits: Mutex::new(HashMap::new()),
         })
     }
 
     /// Publishes an outcome and logs it if the instance's state changed.
     pub fn publish(&self, inst: &Instance, outcome: Outcome) {
         self.metrics.record(inst, &outcome);
+        for extra in &outcome.extras {
+            if let Extra::HostedDomains(report) = extra {
+                self.keep_audit(&inst.check, report.clone());
+            }
+        }
         let mut last = self.last.lock().expect("state lock");
         let previous = last.get(inst);
         let changed = match previous {
@@ -229,6 +254,68 @@ impl Shared {
             log_change(inst, previous.map(|p| &p.outcome), &outcome);
         }
         last.insert(inst.clone(), LastState { outcome, since });
+    }
+}
+
+impl Shared {
+    /// Keeps a finished audit and logs what changed since the previous one:
+    /// one line per domain that moved to or from `ok` (or between problems).
+    fn keep_audit(&self, check: &str, report: Arc<AuditReport>) {
+        let mut audits = self.audits.lock().expect("audits lock");
+        let found = report.counts();
+        let summary: Vec<String> = found
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(f, n)| format!("{f}={n}"))
+            .collect();
+        match audits.get_mut(check) {
+            None => {
+                tracing::info!(
+                    check, domains = report.domains.len(), findings = %summary.join(" "),
+                    duration_seconds = report.duration_seconds,
+                    "hosted-domain audit finished (first since start)"
+                );
+                audits.insert(
+                    check.to_string(),
+                    AuditState {
+                        report,
+                        changes: Default::default(),
+                    },
+                );
+            }
+            Some(state) => {
+                let changed = changes(&state.report, &report);
+                for (i, c) in changed.iter().enumerate() {
+                    if i == MAX_CHANGES_LOGGED {
+                        tracing::warn!(
+                            check,
+                            more = changed.len() - i,
+                            "more hosted domains changed; see /api/v1/domains"
+                        );
+                        break;
+                    }
+                    let before = c.before.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(",");
+                    let after = c.after.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(",");
+                    match c.direction {
+                        "regressed" => {
+                            tracing::warn!(check, domain = %c.domain, before, after, "hosted domain regressed")
+                        }
+                        direction => {
+                            tracing::info!(check, domain = %c.domain, before, after, "hosted domain {direction}")
+                        }
+                    }
+                }
+                for direction in ["fixed", "regressed", "changed"] {
+                    let n = changed.iter().filter(|c| c.direction == direction).count() as u64;
+                    self.metrics.hosted_domain_changes(check, direction, n);
+                }
+                state.changes.extend(changed);
+                while state.changes.len() > MAX_CHANGES_KEPT {
+                    state.changes.pop_front();
+                }
+                state.report = report;
+            }
+        }
     }
 }
 
@@ -314,6 +401,11 @@ impl Scheduler {
             }
         }
         self.shared.metrics.set_instances(specs.len());
+        self.shared.audits.lock().expect("audits lock").retain(|check, _| {
+            specs
+                .iter()
+                .any(|s| &s.inst.check == check && s.inst.kind == "hosted_domains")
+        });
         for task in self.background_tasks.drain(..) {
             task.abort();
         }
@@ -359,7 +451,24 @@ async fn instance_loop(spec: InstanceSpec, config: Arc<Config>, shared: Arc<Shar
     } else {
         interval - (phase - wanted)
     };
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + wait, interval);
+    // A long-interval check with nothing recent runs at once, then keeps its slot.
+    let recent = shared
+        .last
+        .lock()
+        .expect("state lock")
+        .get(&spec.inst)
+        .is_some_and(|l| crate::unix_now() - l.outcome.started_at < interval.as_secs_f64());
+    let mut first = tokio::time::Instant::now() + wait;
+    if spec.check.probe.eager() && !recent {
+        let (outcome, waited) = run_queued(&spec, &config).await;
+        shared.metrics.queue_waited(waited);
+        shared.publish(&spec.inst, outcome);
+        // Not again right away when the slot is near.
+        if wait < interval / 2 {
+            first += interval;
+        }
+    }
+    let mut ticker = tokio::time::interval_at(first, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         ticker.tick().await;

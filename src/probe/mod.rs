@@ -10,6 +10,7 @@
 //! `config.rs`, and one arm in [`build`].
 
 pub mod dns;
+pub mod hosted_domains;
 pub mod http;
 pub mod imap;
 pub mod mail_auth;
@@ -45,6 +46,14 @@ pub trait Probe: Send + Sync + 'static {
         None
     }
 
+    /// Whether the first run starts at once instead of at the instance's slot
+    /// in its interval, when the instance has no result from the last interval:
+    /// for long intervals (an hourly audit), where waiting for the slot after
+    /// a start or reload would leave the operator without data for an hour.
+    fn eager(&self) -> bool {
+        false
+    }
+
     /// Long-lived tasks a probe needs besides its runs (mailflow's mailbox
     /// watchers). The daemon spawns them when it applies a config and aborts
     /// them on reload and stop; `check` and `validate` never call this.
@@ -72,6 +81,7 @@ pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>,
         KindSpec::Dns(spec) => Arc::new(dns::DnsProbe::new(spec, check)?),
         KindSpec::MailAuth(spec) => Arc::new(mail_auth::MailAuthProbe::new(spec, check)?),
         KindSpec::Mailflow(spec) => Arc::new(mailflow::MailflowProbe::new(spec, check, credentials)?),
+        KindSpec::HostedDomains(spec) => Arc::new(hosted_domains::HostedDomainsProbe::new(spec, check)?),
     })
 }
 
