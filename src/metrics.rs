@@ -656,9 +656,9 @@ impl Metrics {
         };
     }
 
-    /// Publishes a finished audit: counts per finding (every finding, 0 when
+    /// Publishes a finished (or restored) audit: counts per finding (every finding, 0 when
     /// none), size, skipped lines, timing and the queries it sent.
-    fn record_audit(&self, check: &str, report: &AuditReport) {
+    pub fn record_audit(&self, check: &str, report: &AuditReport) {
         for (finding, n) in report.counts() {
             self.audit_findings
                 .with_label_values(&[check, finding.as_str()])
@@ -691,7 +691,8 @@ impl Metrics {
         }
     }
 
-    fn remove_audit(&self, check: &str, report: &AuditReport) {
+    /// Removes what [`Metrics::record_audit`] set.
+    pub fn remove_audit(&self, check: &str, report: &AuditReport) {
         for finding in Finding::ALL {
             let _ = self.audit_findings.remove_label_values(&[check, finding.as_str()]);
         }

@@ -204,6 +204,9 @@ pub struct Shared {
     pub last: Mutex<HashMap<Instance, LastState>>,
     /// Per `hosted_domains` check: its last finished audit and change log.
     pub audits: Mutex<HashMap<String, AuditState>>,
+    /// Where the last audit of each check is kept across restarts (under
+    /// `--storage.path`); only the daemon sets it.
+    audit_dir: std::sync::OnceLock<PathBuf>,
 }
 
 /// What the daemon keeps of a `hosted_domains` check between audits.
@@ -229,6 +232,7 @@ impl Shared {
             metrics,
             last: Mutex::new(HashMap::new()),
             audits: Mutex::new(HashMap::new()),
+            audit_dir: std::sync::OnceLock::new(),
         })
     }
 
@@ -261,6 +265,19 @@ impl Shared {
     /// Keeps a finished audit and logs what changed since the previous one:
     /// one line per domain that moved to or from `ok` (or between problems).
     fn keep_audit(&self, check: &str, report: Arc<AuditReport>) {
+        if let Some(dir) = self.audit_dir.get() {
+            let (path, report) = (audit_file(dir, check), report.clone());
+            // Tens of thousands of rows: written off the runtime's workers.
+            let save = move || {
+                if let Err(e) = save_audit(&path, &report) {
+                    tracing::warn!(file = %path.display(), error = %e, "could not keep the hosted-domain audit on disk; a restart will audit again at once");
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(save)),
+                Err(_) => save(),
+            }
+        }
         let mut audits = self.audits.lock().expect("audits lock");
         let found = report.counts();
         let summary: Vec<String> = found
@@ -319,6 +336,43 @@ impl Shared {
     }
 }
 
+/// Where the last audit of `check` is kept: one JSON file per check, named
+/// after it (characters other than letters, digits, `.`, `_`, `-` as `_`).
+fn audit_file(dir: &std::path::Path, check: &str) -> PathBuf {
+    let name: String = check
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join(format!("{name}.json"))
+}
+
+/// Writes `report` atomically (temporary file, then rename), readable by the
+/// daemon's user only: it lists every customer domain.
+fn save_audit(path: &std::path::Path, report: &AuditReport) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    serde_json::to_writer(std::io::BufWriter::new(&mut file), report)?;
+    file.flush()?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 fn state_key(o: &Outcome) -> Option<FailureReason> {
     o.result.as_ref().err().map(|f| f.reason)
 }
@@ -366,6 +420,7 @@ impl Scheduler {
     /// Lets [`Scheduler::prepare`] open the mail ledger in `dir`
     /// (`--storage.path`) once a config needs it; only the daemon does this.
     pub fn with_storage(mut self, dir: PathBuf) -> Scheduler {
+        let _ = self.shared.audit_dir.set(dir.join("hosted-domains"));
         self.storage = Some(dir);
         self
     }
@@ -374,6 +429,7 @@ impl Scheduler {
     /// the first time a config has a `mailflow` check (daemons without one
     /// write nothing to disk). An error keeps the previous config running.
     pub fn prepare(&mut self, config: &Config) -> Result<(), String> {
+        self.restore_audits(config);
         let needs_ledger = config
             .checks
             .iter()
@@ -387,6 +443,44 @@ impl Scheduler {
             });
         }
         Ok(())
+    }
+
+    /// Serves the audit each `hosted_domains` check last finished before a
+    /// restart, until its next one: counts, rows, and the base of its change log.
+    fn restore_audits(&self, config: &Config) {
+        let Some(dir) = self.shared.audit_dir.get() else {
+            return;
+        };
+        let mut audits = self.shared.audits.lock().expect("audits lock");
+        for loaded in &config.checks {
+            let check = &loaded.check.name;
+            if !matches!(loaded.check.kind, KindSpec::HostedDomains(_)) || audits.contains_key(check) {
+                continue;
+            }
+            let path = audit_file(dir, check);
+            let report = match std::fs::read(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => Err(e.to_string()),
+                Ok(bytes) => serde_json::from_slice::<AuditReport>(&bytes).map_err(|e| e.to_string()),
+            };
+            match report {
+                Ok(report) if report.check == *check => {
+                    tracing::info!(check = %check, file = %path.display(), domains = report.domains.len(), "restored the last hosted-domain audit");
+                    self.shared.metrics.record_audit(check, &report);
+                    audits.insert(
+                        check.clone(),
+                        AuditState {
+                            report: Arc::new(report),
+                            changes: Default::default(),
+                        },
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(check = %check, file = %path.display(), error = %e, "ignoring an unreadable kept audit; auditing again")
+                }
+            }
+        }
     }
 
     /// Replaces the running instances with those of `config`. Series of
@@ -452,12 +546,19 @@ async fn instance_loop(spec: InstanceSpec, config: Arc<Config>, shared: Arc<Shar
         interval - (phase - wanted)
     };
     // A long-interval check with nothing recent runs at once, then keeps its slot.
+    let within = |t: f64| crate::unix_now() - t < interval.as_secs_f64();
     let recent = shared
         .last
         .lock()
         .expect("state lock")
         .get(&spec.inst)
-        .is_some_and(|l| crate::unix_now() - l.outcome.started_at < interval.as_secs_f64());
+        .is_some_and(|l| within(l.outcome.started_at))
+        || shared
+            .audits
+            .lock()
+            .expect("audits lock")
+            .get(&spec.inst.check)
+            .is_some_and(|a| within(a.report.started_at));
     let mut first = tokio::time::Instant::now() + wait;
     if spec.check.probe.eager() && !recent {
         let (outcome, waited) = run_queued(&spec, &config).await;

@@ -638,3 +638,126 @@ fn peak_rss_kib(config: &std::path::Path) -> u64 {
     assert!(peak > 0, "could not read the peak RSS of validate");
     peak
 }
+
+#[test]
+fn a_restart_serves_the_last_audit_at_once_and_logs_what_changed_meanwhile() {
+    let want = fresh_customers();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("domains.txt");
+    let subset: Vec<&String> = want.keys().take(100).collect();
+    std::fs::write(&file, subset.iter().map(|d| format!("{d}\n")).collect::<String>()).unwrap();
+    let storage = dir.path().join("data");
+    let args = ["--storage.path", storage.to_str().unwrap()];
+    // Hourly: the first audit runs at start, the next not within this test.
+    let hourly = audit_config(file.to_str().unwrap(), "{authoritative: 127.0.0.30}", 2000);
+    let first = Daemon::start_with(&hourly, &args);
+    first.wait_for(
+        "cutover_hosted_domains_audited",
+        &[("check", "customers")],
+        |v| v == 100.0,
+        20 * SECS,
+    );
+    let kept = storage.join("hosted-domains/customers.json");
+    let deadline = Instant::now() + 5 * SECS;
+    while !kept.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the audit was not kept at {}",
+            kept.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(first);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // A customer fixes their SPF while the daemon is down.
+    customers(&["fix", "c00048.customers.test"]);
+
+    // Restarted: the last audit is served at once, without auditing again.
+    let second = Daemon::start_with(&hourly, &args);
+    let scrape = second.scrape();
+    assert_eq!(
+        scrape.get(
+            "cutover_hosted_domains",
+            &[("check", "customers"), ("finding", "spf_old_ip_literal")]
+        ),
+        Some(17.0),
+        "{}",
+        second.logs()
+    );
+    assert_eq!(scrape.get("cutover_probe_runs_total", &[("check", "customers")]), None);
+    let (_, body) = second
+        .http("GET", "/api/v1/domains?finding=spf_old_ip_literal")
+        .unwrap();
+    assert!(body.contains("c00048.customers.test"), "{body}");
+    assert!(
+        second.logs().contains("restored the last hosted-domain audit"),
+        "{}",
+        second.logs()
+    );
+
+    // A shorter interval makes the kept audit old: the next one runs at once
+    // and compares with it, so the fix made during the restart is logged.
+    std::fs::write(
+        &second.config,
+        common::lab().render(&format!("{hourly}    interval: 3s\n    timeout: 2s\n")),
+    )
+    .unwrap();
+    second.signal("HUP");
+    second.wait_for(
+        "cutover_hosted_domains_changes_total",
+        &[("check", "customers"), ("direction", "fixed")],
+        |v| v == 1.0,
+        20 * SECS,
+    );
+    let logs = second.logs();
+    let fixed: Vec<&str> = logs.lines().filter(|l| l.contains("hosted domain fixed")).collect();
+    assert_eq!(fixed.len(), 1, "{logs}");
+    assert!(fixed[0].contains("c00048.customers.test"), "{}", fixed[0]);
+}
+
+#[test]
+fn mistakes_in_a_hosted_domains_check_name_their_field() {
+    let lab = lab();
+    let base = audit_config(&domains_file(&lab), "{authoritative: 127.0.0.30}", 50);
+    for (from, to, expected) in [
+        (
+            "rate_limit: 50",
+            "rate_limit: 0",
+            "field `checks[0].rate_limit`: expected queries per second above 0",
+        ),
+        (
+            "concurrency: 64",
+            "concurrency: 0",
+            "field `checks[0].concurrency`: must be at least 1",
+        ),
+        (
+            "mx_hosts: [mx.example.test]",
+            "mx_hosts: [\"not a host\"]",
+            "field `checks[0].mx_hosts[0]`: expected a host name",
+        ),
+        (
+            "spf_include: spf.example.test",
+            "spf_include: spf.example.test\n    old_env: live",
+            "field `checks[0].old_env`: unknown environment `live`",
+        ),
+        (
+            "retries: 1",
+            "retries: 1\n    envs: [old]",
+            "field `checks[0].envs`: a `hosted_domains` check asks its own resolvers",
+        ),
+        (
+            "retries: 1",
+            "retries: 1\n    resolver: 127.0.0.30",
+            "unknown field `resolver`",
+        ),
+    ] {
+        let yaml = base.replace(from, to);
+        assert_ne!(yaml, base, "{from}");
+        let (_d, config) = common::write_config(&yaml);
+        let (code, _, err) = decode(bin().args(["validate", "--config.file"]).arg(&config).output().unwrap());
+        assert_eq!(code, 1, "{to}: {err}");
+        assert!(err.contains("checks.yaml:") && err.contains(expected), "{to}: {err}");
+    }
+}

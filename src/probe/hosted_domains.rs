@@ -35,7 +35,7 @@ use mail_auth::common::parse::TxtRecordParser;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::spf::{Macro, Mechanism, Qualifier, Spf};
 use mail_auth::{MessageAuthenticator, Parameters, SpfResult};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Failure, FailureReason, FieldError, Probe, Run};
 use crate::config::{Check, EnvKind, HostedDomainsSpec};
@@ -56,7 +56,7 @@ const RECEIVER: &str = "cutover-monitor.invalid";
 
 /// What an audit found about a domain. A closed set: each value is a label
 /// value of `cutover_hosted_domains` and a filter of `/api/v1/domains`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Finding {
     /// Nothing points at the old environment and SPF passes for the new one.
@@ -125,7 +125,7 @@ impl std::fmt::Display for Finding {
 
 /// One domain's result. Domains that are `ok` carry no records or fixes, so a
 /// report of 100,000 mostly fine domains stays small.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DomainRow {
     /// The domain, lower case, as ASCII (IDNs in punycode).
     pub domain: String,
@@ -146,7 +146,7 @@ impl DomainRow {
 
 /// Problems with the domains file: each skipped line is counted, the first
 /// ones are kept with their line number.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct InputSummary {
     /// The file, as resolved.
     pub file: PathBuf,
@@ -160,8 +160,8 @@ pub struct InputSummary {
     pub problems: Vec<String>,
 }
 
-/// One finished audit.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One finished audit; the daemon keeps the last one under `--storage.path`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditReport {
     /// The check's name.
     pub check: String,
@@ -173,7 +173,7 @@ pub struct AuditReport {
     pub domains: Vec<DomainRow>,
     /// What was skipped from the file.
     pub input: InputSummary,
-    /// Queries sent, per resolver and result.
+    /// Queries sent, per resolver and result (counted once, not kept on disk).
     #[serde(skip)]
     pub queries: Vec<ResolverCounts>,
 }
