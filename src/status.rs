@@ -50,6 +50,29 @@ pub struct Status {
     pub mail: MailView,
     /// Certificates seen in the last runs.
     pub certificates: Vec<CertView>,
+    /// The last audit of each `hosted_domains` check (counts only; the rows
+    /// are at `/api/v1/domains`).
+    pub customer_domains: Vec<AuditView>,
+}
+
+/// A `hosted_domains` check's last audit, as the page shows it.
+#[derive(Debug, Serialize)]
+pub struct AuditView {
+    /// The check.
+    pub check: String,
+    /// Domains audited.
+    pub domains: usize,
+    /// Domains per finding (every finding).
+    pub counts: BTreeMap<&'static str, usize>,
+    /// Domains that still depend on old or fail from new: any of `mx_old_ip`,
+    /// `spf_old_ip_literal`, `spf_fails_new`, `autoconfig_old_ip`.
+    pub on_old: usize,
+    /// When it finished, Unix seconds.
+    pub finished_at: f64,
+    /// Domains fixed and regressed among the latest changes kept.
+    pub fixed: usize,
+    /// See `fixed`.
+    pub regressed: usize,
 }
 
 /// The phase in force, plus the plan.
@@ -286,6 +309,33 @@ pub fn snapshot(shared: &Shared, config: &Config, current: Current) -> Status {
         dns: dns_view(&specs, &last),
         mail,
         certificates: cert_view(&specs, &last),
+        customer_domains: {
+            let audits = shared.audits.lock().expect("audits lock");
+            let mut views: Vec<AuditView> = audits
+                .values()
+                .map(|a| AuditView {
+                    check: a.report.check.clone(),
+                    domains: a.report.domains.len(),
+                    counts: a.report.counts().into_iter().map(|(f, n)| (f.as_str(), n)).collect(),
+                    on_old: a
+                        .report
+                        .domains
+                        .iter()
+                        .filter(|r| {
+                            use crate::probe::hosted_domains::Finding::*;
+                            [MxOldIp, SpfOldIpLiteral, SpfFailsNew, AutoconfigOldIp]
+                                .iter()
+                                .any(|f| r.has(*f))
+                        })
+                        .count(),
+                    finished_at: a.report.started_at + a.report.duration_seconds,
+                    fixed: a.changes.iter().filter(|c| c.direction == "fixed").count(),
+                    regressed: a.changes.iter().filter(|c| c.direction == "regressed").count(),
+                })
+                .collect();
+            views.sort_by(|a, b| a.check.cmp(&b.check));
+            views
+        },
     }
 }
 

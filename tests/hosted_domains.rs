@@ -56,6 +56,16 @@ fn customers(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Regenerates the lab's customers when dropped, so a domain a test fixed is
+/// broken again for the next test, even when this one fails.
+struct Regenerate;
+
+impl Drop for Regenerate {
+    fn drop(&mut self) {
+        customers(&["generate", "--count", "2000"]);
+    }
+}
+
 /// A fresh set of 2,000 customer domains in nsd; returns domain -> expected findings.
 fn fresh_customers() -> BTreeMap<String, Vec<String>> {
     let lab = lab();
@@ -263,6 +273,7 @@ fn the_daemon_publishes_counts_rows_and_logs_each_fix_once() {
     );
 
     // A customer fixes their SPF: that domain alone moves to ok, logged once.
+    let _regenerate = Regenerate;
     customers(&["fix", "c00048.customers.test"]);
     d.wait_for(
         "cutover_hosted_domains_changes_total",
@@ -672,6 +683,7 @@ fn a_restart_serves_the_last_audit_at_once_and_logs_what_changed_meanwhile() {
     assert_eq!(std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777, 0o600);
 
     // A customer fixes their SPF while the daemon is down.
+    let _regenerate = Regenerate;
     customers(&["fix", "c00048.customers.test"]);
 
     // Restarted: the last audit is served at once, without auditing again.

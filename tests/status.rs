@@ -652,3 +652,46 @@ fn the_phase_command_logs_in_when_the_daemon_asks_for_basic_auth() {
     // The status page needs the login too.
     assert_eq!(d.http("GET", "/api/v1/status").unwrap().0, 401);
 }
+
+#[test]
+fn the_status_page_shows_the_customer_domain_audit_with_links_to_its_rows() {
+    let lab = lab();
+    // The first 100 of the lab's generated customers: every finding occurs.
+    let all = std::fs::read_to_string(format!("{}/customers/domains.txt", lab.var("DIR")))
+        .expect("tests/lab/up generates the customer domains");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("domains.txt");
+    let first: String = all
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .take(100)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&file, first).unwrap();
+    let yaml = format!(
+        "environments:\n  old: {{addresses: [127.0.0.10]}}\n  new: {{addresses: [127.0.0.20]}}\n\
+         checks:\n  - {{name: customers, kind: hosted_domains, domains_file: {}, resolvers: {{authoritative: 127.0.0.30}}, \
+         mx_hosts: [mx.example.test], spf_include: spf.example.test, rate_limit: 2000}}\n",
+        file.display()
+    );
+    let d = Daemon::start(&yaml);
+    d.wait_for(
+        "cutover_hosted_domains_audited",
+        &[("check", "customers")],
+        |v| v == 100.0,
+        Duration::from_secs(20),
+    );
+    let dom = dom(d.addr);
+    let table = dom
+        .split("id=\"domains-table\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no customer-domain table in {dom}"));
+    assert!(table.contains("100 domains"), "{table}");
+    // Of the first 100: 10 + 5 + 5 SPF, 8 MX, 3 + 2 autoconfig, 2 with all of them.
+    assert!(table.contains("! 35 domains"), "{table}");
+    assert!(
+        table.contains("href=\"api/v1/domains?check=customers&amp;finding=mx_old_ip\""),
+        "{table}"
+    );
+    screenshot(d.addr, "1280,1600", "status-domains.png");
+}
