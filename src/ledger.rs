@@ -18,9 +18,8 @@
 //! Calls are short synchronous transactions behind a mutex; probe traffic is a
 //! few mails a minute, far from needing a connection pool.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -633,17 +632,7 @@ fn read_or_create(path: &Path, bytes: usize) -> std::io::Result<String> {
         Err(e) => return Err(e),
     }
     let value = random_hex(bytes)?;
-    let tmp: PathBuf = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(value.as_bytes())?;
-    file.sync_all()?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)?;
+    crate::write_private(path, value.as_bytes())?;
     Ok(value)
 }
 
@@ -701,6 +690,7 @@ mod tests {
             l.found(&found("a", 1)).unwrap();
             l.intent("b", "c", "new").unwrap();
         }
+        use std::os::unix::fs::PermissionsExt;
         let mode = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
         // Private state: the key, the instance id, and the ledger with its WAL.
         for file in [KEY_FILE, INSTANCE_FILE, DB_FILE] {

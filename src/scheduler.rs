@@ -355,22 +355,11 @@ fn audit_file(dir: &std::path::Path, check: &str) -> PathBuf {
 /// Writes `report` atomically (temporary file, then rename), readable by the
 /// daemon's user only: it lists every customer domain.
 fn save_audit(path: &std::path::Path, report: &AuditReport) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
-    let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    serde_json::to_writer(std::io::BufWriter::new(&mut file), report)?;
-    file.flush()?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::write_private(path, &serde_json::to_vec(report)?)
 }
 
 fn state_key(o: &Outcome) -> Option<FailureReason> {

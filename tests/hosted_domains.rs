@@ -7,12 +7,11 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::UdpSocket;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, bin, decode, lab, root};
+use common::{Daemon, bin, decode, lab};
 
 const SECS: Duration = Duration::from_secs(1);
 
@@ -42,18 +41,19 @@ fn audit_config(domains: &str, resolvers: &str, rate: u32) -> String {
 
 /// Runs `tests/lab/customers ARGS` and returns its stdout.
 fn customers(args: &[&str]) -> String {
-    let out = Command::new(root().join("tests/lab/customers"))
-        .args(args)
-        .output()
-        .expect("run tests/lab/customers");
-    assert!(
-        out.status.success(),
-        "tests/lab/customers {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    common::lab_script(&[&["customers"], args].concat())
+}
+
+/// A domains file with the first `n` generated customers (each category of
+/// the generator occurs once per 100), in a directory that lives as long as
+/// the returned guard.
+fn first_customers(want: &BTreeMap<String, Vec<String>>, n: usize) -> (tempfile::TempDir, String, Vec<&String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("domains.txt");
+    let subset: Vec<&String> = want.keys().take(n).collect();
+    std::fs::write(&file, subset.iter().map(|d| format!("{d}\n")).collect::<String>()).unwrap();
+    let path = file.to_str().unwrap().to_string();
+    (dir, path, subset)
 }
 
 /// Regenerates the lab's customers when dropped, so a domain a test fixed is
@@ -229,12 +229,8 @@ fn the_audit_of_2000_lab_domains_finds_exactly_the_generated_mix() {
 fn the_daemon_publishes_counts_rows_and_logs_each_fix_once() {
     let want = fresh_customers();
     // The first 200 domains: every category, ten times.
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("domains.txt");
-    let subset: Vec<&String> = want.keys().take(200).collect();
-    std::fs::write(&file, subset.iter().map(|d| format!("{d}\n")).collect::<String>()).unwrap();
-    let yaml = audit_config(file.to_str().unwrap(), "{authoritative: 127.0.0.30}", 2000)
-        + "    interval: 4s\n    timeout: 3s\n";
+    let (_dir, file, _subset) = first_customers(&want, 200);
+    let yaml = audit_config(&file, "{authoritative: 127.0.0.30}", 2000) + "    interval: 4s\n    timeout: 3s\n";
     let d = Daemon::start(&yaml);
     d.wait_for(
         "cutover_hosted_domains_audited",
@@ -415,10 +411,7 @@ fn question(msg: &[u8]) -> Option<(String, u16)> {
 #[test]
 fn a_resolver_silent_for_some_domains_gives_dns_error_for_those_only() {
     let want = fresh_customers();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("domains.txt");
-    let subset: Vec<&String> = want.keys().take(100).collect();
-    std::fs::write(&file, subset.iter().map(|d| format!("{d}\n")).collect::<String>()).unwrap();
+    let (_dir, file, subset) = first_customers(&want, 100);
     // c00001..c00003 are fine domains, c00068 has its MX at the old address.
     let silent = [
         "c00001.customers.test",
@@ -427,7 +420,7 @@ fn a_resolver_silent_for_some_domains_gives_dns_error_for_those_only() {
         "c00068.customers.test",
     ];
     let flaky = FlakyResolver::start(&silent);
-    let yaml = audit_config(file.to_str().unwrap(), "{flaky: 127.0.0.32}", 2000);
+    let yaml = audit_config(&file, "{flaky: 127.0.0.32}", 2000);
     let (code, out, err) = domains_cmd(&yaml, &["--format", "json", "--finding", ALL_FINDINGS]);
     assert_eq!(code, 0, "{err}");
     let got = rows_by_domain(&out);
@@ -460,7 +453,7 @@ fn a_resolver_silent_for_some_domains_gives_dns_error_for_those_only() {
 
     // With a second resolver, a failed query is retried there: nothing is an error.
     let flaky = FlakyResolver::start(&silent);
-    let yaml = audit_config(file.to_str().unwrap(), "{a-flaky: 127.0.0.32, b-nsd: 127.0.0.30}", 2000);
+    let yaml = audit_config(&file, "{a-flaky: 127.0.0.32, b-nsd: 127.0.0.30}", 2000);
     let (code, out, err) = domains_cmd(&yaml, &["--format", "json", "--finding", ALL_FINDINGS]);
     assert_eq!(code, 0, "{err}");
     let got = rows_by_domain(&out);
@@ -490,12 +483,9 @@ fn nsd_queries() -> u64 {
 #[test]
 fn the_rate_limit_holds_as_the_server_counts_queries() {
     let want = fresh_customers();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("domains.txt");
-    let subset: Vec<&String> = want.keys().take(400).collect();
-    std::fs::write(&file, subset.iter().map(|d| format!("{d}\n")).collect::<String>()).unwrap();
+    let (_dir, file, _subset) = first_customers(&want, 400);
     let rate = 400;
-    let yaml = audit_config(file.to_str().unwrap(), "{authoritative: 127.0.0.30}", rate);
+    let yaml = audit_config(&file, "{authoritative: 127.0.0.30}", rate);
     let (_cfg_dir, path) = common::write_config(&yaml);
     let before = nsd_queries();
     let start = Instant::now();
@@ -653,14 +643,11 @@ fn peak_rss_kib(config: &std::path::Path) -> u64 {
 #[test]
 fn a_restart_serves_the_last_audit_at_once_and_logs_what_changed_meanwhile() {
     let want = fresh_customers();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("domains.txt");
-    let subset: Vec<&String> = want.keys().take(100).collect();
-    std::fs::write(&file, subset.iter().map(|d| format!("{d}\n")).collect::<String>()).unwrap();
+    let (dir, file, _subset) = first_customers(&want, 100);
     let storage = dir.path().join("data");
     let args = ["--storage.path", storage.to_str().unwrap()];
     // Hourly: the first audit runs at start, the next not within this test.
-    let hourly = audit_config(file.to_str().unwrap(), "{authoritative: 127.0.0.30}", 2000);
+    let hourly = audit_config(&file, "{authoritative: 127.0.0.30}", 2000);
     let first = Daemon::start_with(&hourly, &args);
     first.wait_for(
         "cutover_hosted_domains_audited",

@@ -1067,9 +1067,18 @@ fn domain_name(text: &str) -> Result<String, String> {
             crate::probe::sanitize(text)
         ));
     }
-    let name = Name::from_utf8(text.trim_end_matches('.'))
-        .map_err(|e| format!("`{}` is not a domain name: {e}", crate::probe::sanitize(text)))?;
-    let ascii = normalize(&name.to_ascii());
+    // Plain names are checked as written; IDNs are converted to punycode first.
+    let ascii = if text.is_ascii() {
+        normalize(text)
+    } else {
+        let name = Name::from_utf8(text.trim_end_matches('.')).map_err(|_| {
+            format!(
+                "`{}` is not a domain name (not a valid internationalized name)",
+                crate::probe::sanitize(text)
+            )
+        })?;
+        normalize(&name.to_ascii())
+    };
     let labels: Vec<&str> = ascii.split('.').collect();
     if labels.len() < 2 {
         return Err(format!(

@@ -75,8 +75,9 @@ pub fn lab() -> Lab {
     .clone()
 }
 
-/// Runs a lab script (`svc`, `dns`, `user`) and asserts it succeeded.
-pub fn lab_script(args: &[&str]) {
+/// Runs a lab script (`svc`, `dns`, `user`, `customers`), asserts it
+/// succeeded and returns what it printed.
+pub fn lab_script(args: &[&str]) -> String {
     let out = Command::new(root().join("tests/lab").join(args[0]))
         .args(&args[1..])
         .output()
@@ -88,6 +89,7 @@ pub fn lab_script(args: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs a lab script now and its `restore` counterpart when dropped, even when
@@ -97,7 +99,7 @@ pub struct Restore(Vec<String>);
 impl Drop for Restore {
     fn drop(&mut self) {
         let args: Vec<&str> = self.0.iter().map(String::as_str).collect();
-        lab_script(&args);
+        let _ = lab_script(&args);
     }
 }
 
