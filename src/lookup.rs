@@ -25,7 +25,7 @@ use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::resolve::{self, QueryError};
+use crate::resolve::{self, QueryError, normalize};
 
 /// Largest reply the relay sends over UDP (hickory's receive buffer).
 const RELAY_MAX_REPLY: usize = 4096;
@@ -361,11 +361,6 @@ impl Drop for Scope<'_> {
             cache.scoped.remove(&self.domain);
         }
     }
-}
-
-/// Lower case without the trailing dot: how names are compared and cached.
-pub fn normalize(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// The domain being audited that `name` is, or is under (the longest one).

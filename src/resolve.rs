@@ -127,6 +127,12 @@ fn rand_id() -> u16 {
     h.finish() as u16
 }
 
+/// A DNS name as compared, cached and labelled: lower case, without the
+/// trailing dot.
+pub fn normalize(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
 /// Resolves `host` the way a user of a live environment would: through the
 /// system resolver or by asking the configured server for A and AAAA.
 pub async fn lookup(resolver: ResolverAddr, host: &str, timeout: Duration) -> Result<Vec<IpAddr>, Failure> {

@@ -279,14 +279,14 @@ impl Shared {
             }
         }
         let mut audits = self.audits.lock().expect("audits lock");
-        let found = report.counts();
-        let summary: Vec<String> = found
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(f, n)| format!("{f}={n}"))
-            .collect();
         match audits.get_mut(check) {
             None => {
+                let summary: Vec<String> = report
+                    .counts()
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(f, n)| format!("{f}={n}"))
+                    .collect();
                 tracing::info!(
                     check, domains = report.domains.len(), findings = %summary.join(" "),
                     duration_seconds = report.duration_seconds,

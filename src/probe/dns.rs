@@ -335,7 +335,7 @@ fn record_type(t: DnsRecordType) -> RecordType {
 fn watched(spec: &DnsRecordSpec, check: &Check) -> Result<Watched, (String, String)> {
     let rtype = record_type(spec.rtype);
     let err = |field: &str, message: String| (field.to_string(), message);
-    let label = normal_name(&spec.name);
+    let label = resolve::normalize(&spec.name);
     let query = match (rtype, spec.name.parse::<IpAddr>()) {
         (RecordType::PTR, Ok(ip)) => Name::from(ip).to_ascii(),
         _ => {
@@ -401,14 +401,9 @@ fn watched(spec: &DnsRecordSpec, check: &Check) -> Result<Watched, (String, Stri
     })
 }
 
-/// A name as compared and labelled: lower case, without the trailing dot.
-fn normal_name(name: &str) -> String {
-    name.trim_end_matches('.').to_ascii_lowercase()
-}
-
 fn checked_name(text: &str) -> Result<String, String> {
     Name::from_utf8(text).map_err(|e| format!("invalid DNS name `{text}`: {e}"))?;
-    Ok(normal_name(text))
+    Ok(resolve::normalize(text))
 }
 
 /// Parses an expected value into the form [`answer_value`] produces.
@@ -452,7 +447,7 @@ fn expected_value(rtype: RecordType, text: &str) -> Result<String, String> {
 
 /// One answer record's value in comparable form; `None` for other types.
 fn answer_value(data: &RData) -> Option<String> {
-    let name = |n: &Name| normal_name(&n.to_ascii());
+    let name = |n: &Name| resolve::normalize(&n.to_ascii());
     Some(match data {
         RData::A(a) => a.0.to_string(),
         RData::AAAA(a) => a.0.to_string(),

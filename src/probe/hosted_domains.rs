@@ -39,8 +39,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Failure, FailureReason, FieldError, Probe, Run};
 use crate::config::{Check, EnvKind, HostedDomainsSpec};
-use crate::lookup::{Answer, Lookups, QueryResult, ResolverCounts, normalize};
+use crate::lookup::{Answer, Lookups, QueryResult, ResolverCounts};
 use crate::metrics::Extra;
+use crate::resolve::normalize;
 
 /// Largest domains file read (a million domains fit in far less).
 const MAX_FILE_BYTES: u64 = 64 << 20;
@@ -470,10 +471,10 @@ impl HostedDomainsProbe {
     fn is_provider(&self, host: &str) -> bool {
         let host = normalize(host);
         self.mx_hosts.contains(&host)
-            || self
-                .provider_domains
-                .iter()
-                .any(|d| host == *d || host.ends_with(&format!(".{d}")))
+            || self.provider_domains.iter().any(|d| {
+                host.strip_suffix(d.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.ends_with('.'))
+            })
     }
 
     async fn audit_numbered(&self, i: usize, lookups: &Lookups, auth: &MessageAuthenticator) -> (usize, DomainRow) {
@@ -827,14 +828,11 @@ fn mechanism_text(m: &Mechanism) -> String {
     }
 }
 
-/// Each TXT record of a reply, its character strings joined.
+/// Each TXT record of a reply as text (the SPF probe's reading of TXT sets).
 fn txt_records(msg: &Message) -> Vec<String> {
-    msg.answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::TXT(txt) => Some(txt.txt_data.iter().map(|s| String::from_utf8_lossy(s)).collect()),
-            _ => None,
-        })
+    super::mail_auth::txt_strings(msg)
+        .into_iter()
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .collect()
 }
 

@@ -126,7 +126,7 @@ impl MailAuthProbe {
     /// Validates the spec against the check's environments (all of them: a
     /// check with its own targets takes no `envs`).
     pub fn new(spec: &MailAuthSpec, check: &Check) -> Result<Self, FieldError> {
-        let domain = spec.domain.trim_end_matches('.').to_ascii_lowercase();
+        let domain = resolve::normalize(&spec.domain);
         if domain.is_empty() || Name::from_utf8(&domain).is_err() {
             return Err(FieldError::new(
                 "domain",
@@ -214,7 +214,7 @@ impl MailAuthProbe {
             Some(h) if Name::from_utf8(h).is_err() => {
                 return Err(FieldError::new("helo", format!("expected a host name, got `{h}`")));
             }
-            Some(h) => h.trim_end_matches('.').to_ascii_lowercase(),
+            Some(h) => resolve::normalize(h),
             None => domain.clone(),
         };
         Ok(MailAuthProbe {
@@ -481,7 +481,7 @@ fn first_parsed<T: TxtRecordParser>(records: &[Vec<u8>]) -> mail_auth::Result<T>
 }
 
 /// Each TXT record of an answer, its character strings joined.
-fn txt_strings(msg: &Message) -> Vec<Vec<u8>> {
+pub(crate) fn txt_strings(msg: &Message) -> Vec<Vec<u8>> {
     if msg.metadata.response_code != ResponseCode::NoError {
         return Vec::new();
     }
