@@ -1,5 +1,6 @@
 //! Command-line wiring only: parse flags, set up logging, hand over.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -345,7 +346,18 @@ async fn run_domains(config_file: PathBuf, checks: Vec<String>, findings: Vec<St
     match format {
         DomainsFormat::Table => print!("{}", report::domains_table(&lines)),
         DomainsFormat::Csv => print!("{}", report::domains_csv(&lines)),
-        DomainsFormat::Json => println!("{}", serde_json::to_string_pretty(&lines).expect("rows serialize")),
+        DomainsFormat::Json => {
+            // Streamed: 100,000 rows are 20 MB of JSON, not worth holding at once.
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let written = serde_json::to_writer_pretty(&mut out, &lines)
+                .map_err(std::io::Error::from)
+                .and_then(|()| writeln!(out))
+                .and_then(|()| out.flush());
+            if let Err(e) = written {
+                eprintln!("writing the rows: {e}");
+                return report::EXIT_UNKNOWN;
+            }
+        }
     }
     for r in &reports {
         eprint!("{}", report::audit_summary(r));
