@@ -214,6 +214,18 @@ fn the_audit_of_2000_lab_domains_finds_exactly_the_generated_mix() {
     // c00092: NXDOMAIN; c00095: the zone SERVFAILs.
     assert!(text(&row("c00092.customers.test")["records"]).contains("NXDOMAIN"));
     assert!(text(&row("c00095.customers.test")["records"]).contains("answered SERVFAIL"));
+    // c00097 has everything on old, and DMARC p=reject: its mail would bounce.
+    let r = row("c00097.customers.test");
+    assert!(
+        text(&r["records"]).contains("_dmarc.c00097.customers.test. TXT \\\"v=DMARC1; p=reject\\\""),
+        "{r}"
+    );
+    assert!(
+        text(&r["fixes"]).contains("urgent: the DMARC policy asks receivers to reject"),
+        "{r}"
+    );
+    // c00048 fails SPF too, but has no DMARC policy: nothing urgent.
+    assert!(!text(&row("c00048.customers.test")["fixes"]).contains("urgent"));
     // Fine domains carry nothing.
     let r = row("c00001.customers.test");
     assert_eq!(

@@ -605,26 +605,37 @@ impl HostedDomainsProbe {
         join(&wanted)
     }
 
+    /// SPF, and DMARC's policy where SPF fails: with `p=reject` a failing SPF
+    /// means bounced mail, not spam-foldered mail.
     async fn check_spf(&self, domain: &str, lookups: &Lookups, auth: &MessageAuthenticator, row: &mut Row) {
         let dmarc_name = format!("_dmarc.{domain}");
-        let (txt, dmarc) = tokio::join!(
-            lookups.get(domain, RecordType::TXT),
+        let ((), dmarc) = tokio::join!(
+            self.check_spf_policy(domain, lookups, auth, row),
             lookups.get(&dmarc_name, RecordType::TXT)
         );
-        let records: Vec<String> = match txt {
-            Answer::Failed(_, detail) => return row.dns_error(&detail),
-            Answer::Reply(msg) => txt_records(&msg).into_iter().filter(|t| is_spf(t)).collect(),
-        };
-        // With `p=reject` a failing SPF means bounced mail, not spam-foldered mail.
-        let reject = match &dmarc {
-            Answer::Reply(msg) => txt_records(msg)
+        if !(row.has(Finding::SpfFailsNew) || row.has(Finding::SpfPermerror)) {
+            return;
+        }
+        let strict = dmarc.reply().and_then(|msg| {
+            txt_records(msg)
                 .into_iter()
                 .find(|t| t.to_ascii_lowercase().starts_with("v=dmarc1"))
                 .filter(|t| dmarc_policy(t).is_some_and(|p| p == "reject" || p == "quarantine"))
-                .map(|t| format!("{dmarc_name}. TXT {t:?}")),
-            Answer::Failed(..) => None,
+        });
+        if let Some(record) = strict {
+            push_new(&mut row.records, format!("{dmarc_name}. TXT {record:?}"));
+            push_new(
+                &mut row.fixes,
+                "urgent: the DMARC policy asks receivers to reject or quarantine mail that fails SPF (unless DKIM passes)".into(),
+            );
+        }
+    }
+
+    async fn check_spf_policy(&self, domain: &str, lookups: &Lookups, auth: &MessageAuthenticator, row: &mut Row) {
+        let records: Vec<String> = match lookups.get(domain, RecordType::TXT).await {
+            Answer::Failed(_, detail) => return row.dns_error(&detail),
+            Answer::Reply(msg) => txt_records(&msg).into_iter().filter(|t| is_spf(t)).collect(),
         };
-        let before = row.findings.len();
         let include = &self.spf_include;
         let record = match records.as_slice() {
             [] => return,
@@ -700,13 +711,6 @@ impl HostedDomainsProbe {
                     row.add(Finding::SpfFailsNew, shown.clone(), fix);
                 }
             }
-        }
-        let failing = row.has(Finding::SpfFailsNew) || row.has(Finding::SpfPermerror);
-        if let (true, Some(record)) = (failing && row.findings.len() > before, reject) {
-            row.records.push(record);
-            row.fixes.push(
-                "urgent: the DMARC policy asks receivers to reject or quarantine mail that fails SPF (unless DKIM passes)".into(),
-            );
         }
     }
 
