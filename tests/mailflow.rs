@@ -164,6 +164,16 @@ fn ledger(storage: &Path) -> rusqlite::Connection {
     .unwrap()
 }
 
+/// The first column of every row `sql` selects.
+fn column<T: rusqlite::types::FromSql>(db: &rusqlite::Connection, sql: &str) -> Vec<T> {
+    db.prepare(sql)
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
 fn count(db: &rusqlite::Connection, sql: &str) -> i64 {
     db.query_row(sql, [], |r| r.get(0)).unwrap()
 }
@@ -211,13 +221,10 @@ fn submission_to_new_is_delivered_in_new_with_its_latency_and_cleaned_up() {
         Duration::from_secs(30),
     );
     let db = ledger(storage.path());
-    let latencies: Vec<f64> = db
-        .prepare("SELECT latency FROM mails WHERE state = 'delivered' AND latency IS NOT NULL")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let latencies: Vec<f64> = column(
+        &db,
+        "SELECT latency FROM mails WHERE state = 'delivered' AND latency IS NOT NULL",
+    );
     println!("delivery latencies (s): {latencies:?}");
     assert!(!latencies.is_empty() && latencies.iter().all(|l| *l >= 0.0 && *l < 30.0));
     let scrape = d.scrape();
@@ -689,13 +696,10 @@ fn live_follows_the_mx_switch_and_the_ledger_shows_where_each_mail_landed() {
         Duration::from_secs(30),
     );
     let db = ledger(storage.path());
-    let landed: Vec<String> = db
-        .prepare("SELECT delivered_env FROM mails WHERE state = 'delivered' ORDER BY accepted")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let landed: Vec<String> = column(
+        &db,
+        "SELECT delivered_env FROM mails WHERE state = 'delivered' ORDER BY accepted",
+    );
     println!("landed in order: {landed:?}");
     let first_new = landed.iter().position(|e| e == "new").unwrap();
     assert!(
