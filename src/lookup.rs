@@ -104,28 +104,56 @@ impl Answer {
     }
 }
 
-/// One resolver with its pace.
+/// The most queries a resolver may get at once: what the rate allows in this
+/// long. It lets queries through on tokio's 1 ms timer at rates above
+/// 1,000/s, and caps what a stalled process sends when it wakes up.
+const BURST_WINDOW: Duration = Duration::from_millis(10);
+
+/// One resolver with its pace: a token bucket holding at most
+/// [`BURST_WINDOW`] worth of queries, so over any span `t` it gets at most
+/// `rate × t + burst` queries, however the process is scheduled.
 struct Resolver {
     name: String,
     addr: SocketAddr,
-    /// Time between two queries (1 / rate).
-    gap: Duration,
-    /// When the next query may leave.
-    next: Mutex<Instant>,
+    /// Queries per second.
+    rate: f64,
+    /// The bucket's size, at least 1.
+    burst: f64,
+    /// Tokens and when they were counted. Waiters queue on this lock in
+    /// order (tokio's mutex is fair), so each gets its query out in turn.
+    bucket: tokio::sync::Mutex<(f64, Instant)>,
     counts: [AtomicU64; QueryResult::ALL.len()],
 }
 
 impl Resolver {
-    /// Waits for this resolver's next free slot. Slots are handed out in
-    /// order, so queries leave evenly spaced, never in bursts.
+    fn new(name: &str, addr: SocketAddr, rate: f64) -> Resolver {
+        let burst = (rate * BURST_WINDOW.as_secs_f64()).max(1.0);
+        Resolver {
+            name: name.to_string(),
+            addr,
+            rate,
+            burst,
+            // Full at the start: an audit may begin with one burst.
+            bucket: tokio::sync::Mutex::new((burst, Instant::now())),
+            counts: Default::default(),
+        }
+    }
+
+    /// Waits until this resolver may get one more query.
     async fn pace(&self) {
-        let slot = {
-            let mut next = self.next.lock().expect("pace lock");
-            let slot = (*next).max(Instant::now());
-            *next = slot + self.gap;
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
+        let mut bucket = self.bucket.lock().await;
+        loop {
+            let now = Instant::now();
+            let (tokens, counted) = *bucket;
+            let tokens = (tokens + (now - counted).as_secs_f64() * self.rate).min(self.burst);
+            if tokens >= 1.0 {
+                *bucket = (tokens - 1.0, now);
+                return;
+            }
+            *bucket = (tokens, now);
+            // Still holding the lock: whoever queued next waits behind us.
+            tokio::time::sleep(Duration::from_secs_f64((1.0 - tokens) / self.rate)).await;
+        }
     }
 }
 
@@ -163,17 +191,10 @@ impl Lookups {
     /// second; a failed query is tried again on the next resolver, up to
     /// `attempts` queries in all.
     pub fn new(resolvers: &[(String, SocketAddr)], rate: f64, query_timeout: Duration, attempts: usize) -> Lookups {
-        let gap = Duration::from_secs_f64(1.0 / rate);
         Lookups {
             resolvers: resolvers
                 .iter()
-                .map(|(name, addr)| Resolver {
-                    name: name.clone(),
-                    addr: *addr,
-                    gap,
-                    next: Mutex::new(Instant::now()),
-                    counts: Default::default(),
-                })
+                .map(|(name, addr)| Resolver::new(name, *addr, rate))
                 .collect(),
             query_timeout,
             attempts: attempts.max(1),
@@ -391,23 +412,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn queries_leave_evenly_spaced_at_the_rate() {
-        let lookups = Lookups::new(
-            &[("r".into(), "127.0.0.1:9".parse().unwrap())],
-            50.0,
-            Duration::from_secs(1),
-            1,
-        );
+    async fn queries_never_exceed_the_rate_plus_the_burst() {
+        // 100/s: a burst of 1 (10 ms worth), then one query per 10 ms.
+        let resolver = Resolver::new("r", "127.0.0.1:9".parse().unwrap(), 100.0);
         let start = Instant::now();
-        let mut slots = Vec::new();
-        for _ in 0..6 {
-            lookups.resolvers[0].pace().await;
-            slots.push(start.elapsed());
+        let mut sent = Vec::new();
+        for _ in 0..21 {
+            resolver.pace().await;
+            sent.push(start.elapsed());
         }
-        // 20 ms apart, never closer (timers fire late, never early).
-        for pair in slots.windows(2) {
-            assert!(pair[1] - pair[0] >= Duration::from_millis(19), "{slots:?}");
+        // Over any span t, at most 100 x t + 1 queries.
+        for (i, a) in sent.iter().enumerate() {
+            for (j, b) in sent.iter().enumerate().skip(i + 1) {
+                let allowed = 100.0 * (*b - *a).as_secs_f64() + 1.0;
+                assert!((j - i + 1) as f64 <= allowed + 1e-9, "{sent:?}");
+            }
         }
-        assert!(slots[5] >= Duration::from_millis(100), "{slots:?}");
+        assert!(sent[20] >= Duration::from_millis(199), "{sent:?}");
+        // A stall does not make up for lost time beyond the burst.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let woke = Instant::now();
+        resolver.pace().await;
+        resolver.pace().await;
+        assert!(
+            woke.elapsed() >= Duration::from_millis(9),
+            "two queries after a stall came too fast"
+        );
     }
 }
