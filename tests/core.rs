@@ -377,14 +377,7 @@ fn validate_reports_every_problem_with_file_line_and_field() {
     let (_dir, path) = common::write_config(
         "defaults: {interval: 30}\nenvironments:\n  old: {addresses: [127.0.0.10]}\n  bad: {}\ncredentials:\n  probe: {username: u, password: hunter2}\nchecks:\n  - {name: a, kind: tcp, host: h, port: 1}\n  - {name: a, kind: http, url: \"ftp://x\"}\n  - {name: b, kind: smoke}\n",
     );
-    let (code, out, err) = common::decode(
-        common::bin()
-            .arg("validate")
-            .arg("--config.file")
-            .arg(&path)
-            .output()
-            .unwrap(),
-    );
+    let (code, out, err) = common::validate(&path, None);
     assert_ne!(code, 0);
     assert!(out.is_empty(), "{out}");
     let file = path.display().to_string();

@@ -579,7 +579,7 @@ fn bad_domains_files_get_clear_messages_and_bounded_memory() {
     ] {
         let yaml = audit_config(&path, "{authoritative: 127.0.0.30}", 100);
         let (_d, config) = common::write_config(&yaml);
-        let (code, _, err) = decode(bin().args(["validate", "--config.file"]).arg(&config).output().unwrap());
+        let (code, _, err) = common::validate(&config, None);
         assert_eq!(code, 1, "{err}");
         assert!(
             err.contains("checks.yaml:7:5: field `checks[0].domains_file`: cannot read") && err.contains(message),
@@ -603,7 +603,7 @@ fn bad_domains_files_get_clear_messages_and_bounded_memory() {
     std::fs::write(&file, text).unwrap();
     let yaml = audit_config(file.to_str().unwrap(), "{authoritative: 127.0.0.30}", 100);
     let (_d, config) = common::write_config(&yaml);
-    let (code, out, err) = decode(bin().args(["validate", "--config.file"]).arg(&config).output().unwrap());
+    let (code, out, err) = common::validate(&config, None);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("OK, 1 checks"), "{out}");
     // The audit's own summary names the skipped lines with file:line.
@@ -786,7 +786,7 @@ fn mistakes_in_a_hosted_domains_check_name_their_field() {
         let yaml = base.replace(from, to);
         assert_ne!(yaml, base, "{from}");
         let (_d, config) = common::write_config(&yaml);
-        let (code, _, err) = decode(bin().args(["validate", "--config.file"]).arg(&config).output().unwrap());
+        let (code, _, err) = common::validate(&config, None);
         assert_eq!(code, 1, "{to}: {err}");
         assert!(err.contains("checks.yaml:") && err.contains(expected), "{to}: {err}");
     }

@@ -292,15 +292,7 @@ fn validate_names_the_web_config_file_line_and_field_and_never_a_hash() {
         "tls_server_config:\n  cert_file: missing.pem\n  key_file: missing.key\n  client_auth_type: RequireAnyClientCert\n  cipher_suite: [x]\nbasic_auth_users:\n  alice: hunter2\n",
     )
     .unwrap();
-    let out = common::bin()
-        .arg("validate")
-        .arg("--config.file")
-        .arg(&checks)
-        .arg("--web.config.file")
-        .arg(&web)
-        .output()
-        .unwrap();
-    let (code, stdout, stderr) = common::decode(out);
+    let (code, stdout, stderr) = common::validate(&checks, Some(&web));
     assert_ne!(code, 0, "{stdout}");
     let file = web.display().to_string();
     let lines: Vec<&str> = stderr.lines().collect();
@@ -324,15 +316,7 @@ fn validate_names_the_web_config_file_line_and_field_and_never_a_hash() {
         "tls_server_config:\n  cert_file: missing.pem\n  key_file: missing.key\n  client_auth_type: RequireAnyClientCert\n",
     )
     .unwrap();
-    let out = common::bin()
-        .arg("validate")
-        .arg("--config.file")
-        .arg(&checks)
-        .arg("--web.config.file")
-        .arg(&web)
-        .output()
-        .unwrap();
-    let (_, _, stderr) = common::decode(out);
+    let (_, _, stderr) = common::validate(&checks, Some(&web));
     let dir = dir.path().display().to_string();
     assert!(
         stderr.contains(&format!(
@@ -365,16 +349,7 @@ fn a_password_file_readable_by_others_is_warned_about_by_name_only() {
     );
     let checks = dir.path().join("shared.yaml");
     std::fs::write(&checks, yaml).unwrap();
-    let validate = |checks: &Path| {
-        common::decode(
-            common::bin()
-                .arg("validate")
-                .arg("--config.file")
-                .arg(checks)
-                .output()
-                .unwrap(),
-        )
-    };
+    let validate = |checks: &Path| common::validate(checks, None);
     let (code, stdout, stderr) = validate(&checks);
     assert_eq!(code, 0, "a warning, not an error: {stdout}{stderr}");
     assert!(stderr.contains("readable by group or others"), "{stderr}");

@@ -405,14 +405,7 @@ fn phase_mistakes_in_the_check_file_are_reported_with_positions() {
     lab();
     let yaml = "environments:\n  old: {addresses: [127.0.0.10]}\n  new: {addresses: [127.0.0.20]}\nchecks: []\nmigration:\n  phases:\n    - {name: window, start: 2025-06-14T22:00:00+02:00, end: 2025-06-15T02:00:00+02:00}\n    - {name: switched, start: 2025-06-15T01:00:00+02:00, serving: newer}\n    - {name: decommission, start: 2025-06-16 08:00}\n";
     let (_dir, path) = common::write_config(yaml);
-    let (code, _, err) = common::decode(
-        common::bin()
-            .arg("validate")
-            .arg("--config.file")
-            .arg(&path)
-            .output()
-            .unwrap(),
-    );
+    let (code, _, err) = common::validate(&path, None);
     assert_eq!(code, 1, "{err}");
     let file = path.display();
     let lines: Vec<&str> = err.lines().collect();

@@ -141,6 +141,17 @@ pub fn check_cmd(yaml: &str, args: &[&str]) -> (i32, String, String) {
     decode(out)
 }
 
+/// Runs `cutover-monitor validate` on a check file (and a web config);
+/// returns (exit code, stdout, stderr).
+pub fn validate(config: &std::path::Path, web: Option<&std::path::Path>) -> (i32, String, String) {
+    let mut cmd = bin();
+    cmd.arg("validate").arg("--config.file").arg(config);
+    if let Some(web) = web {
+        cmd.arg("--web.config.file").arg(web);
+    }
+    decode(cmd.output().unwrap())
+}
+
 /// Exit code, stdout and stderr of a finished command.
 pub fn decode(out: Output) -> (i32, String, String) {
     (
