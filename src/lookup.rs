@@ -246,12 +246,6 @@ impl Lookups {
             .collect()
     }
 
-    /// Entries held in the cache now (for tests of the memory bound).
-    pub fn cached(&self) -> usize {
-        let cache = self.cache.lock().expect("cache lock");
-        cache.shared.len() + cache.scoped.values().map(HashMap::len).sum::<usize>()
-    }
-
     async fn fetch(&self, name: &str, rtype: RecordType) -> Answer {
         let first = self.rotation.fetch_add(1, Ordering::Relaxed);
         let mut last = Answer::Failed(QueryResult::Error, "no resolver".into());

@@ -386,16 +386,6 @@ impl HostedDomainsProbe {
         })
     }
 
-    /// The domains this check audits, in file order.
-    pub fn domains(&self) -> &[String] {
-        &self.domains
-    }
-
-    /// What was skipped from the domains file.
-    pub fn input(&self) -> &InputSummary {
-        &self.input
-    }
-
     /// Audits every domain. The report is complete even when resolvers fail
     /// (those domains get `dns_error`); `progress` counts finished domains.
     pub async fn audit(&self, progress: &Progress) -> Result<AuditReport, Failure> {
