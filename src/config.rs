@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,10 +19,10 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use schemars::JsonSchema;
 use serde::de::{self, DeserializeOwned};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_yaml::{Mapping, Value};
 
-use crate::probe;
+use crate::timestamp;
 
 /// Default time between two runs of one check instance.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
@@ -118,18 +119,81 @@ pub enum KindSpec {
 }
 
 impl KindSpec {
+    /// Which kind, without its spec.
+    pub fn kind(&self) -> Kind {
+        match self {
+            KindSpec::Http(_) => Kind::Http,
+            KindSpec::Tcp(_) => Kind::Tcp,
+            KindSpec::Imap(_) => Kind::Imap,
+            KindSpec::Smtp(_) => Kind::Smtp,
+            KindSpec::Dns(_) => Kind::Dns,
+            KindSpec::MailAuth(_) => Kind::MailAuth,
+            KindSpec::Mailflow(_) => Kind::Mailflow,
+            KindSpec::HostedDomains(_) => Kind::HostedDomains,
+        }
+    }
+
     /// The `kind` label value.
     pub fn name(&self) -> &'static str {
+        self.kind().as_str()
+    }
+}
+
+/// A check's kind, for code that asks what a check is (the `kind` label, the
+/// kinds `check` leaves to other commands) without matching its spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `http`.
+    Http,
+    /// `tcp`.
+    Tcp,
+    /// `imap`.
+    Imap,
+    /// `smtp`.
+    Smtp,
+    /// `dns`.
+    Dns,
+    /// `mail_auth`.
+    MailAuth,
+    /// `mailflow`.
+    Mailflow,
+    /// `hosted_domains`.
+    HostedDomains,
+}
+
+impl Kind {
+    /// The `kind` label value and the check file's word for it.
+    pub fn as_str(self) -> &'static str {
         match self {
-            KindSpec::Http(_) => "http",
-            KindSpec::Tcp(_) => "tcp",
-            KindSpec::Imap(_) => "imap",
-            KindSpec::Smtp(_) => "smtp",
-            KindSpec::Dns(_) => "dns",
-            KindSpec::MailAuth(_) => "mail_auth",
-            KindSpec::Mailflow(_) => "mailflow",
-            KindSpec::HostedDomains(_) => "hosted_domains",
+            Kind::Http => "http",
+            Kind::Tcp => "tcp",
+            Kind::Imap => "imap",
+            Kind::Smtp => "smtp",
+            Kind::Dns => "dns",
+            Kind::MailAuth => "mail_auth",
+            Kind::Mailflow => "mailflow",
+            Kind::HostedDomains => "hosted_domains",
         }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// Hashed by name, so an instance's slot in its interval (a hash of its labels)
+// does not move with the enum's layout.
+impl std::hash::Hash for Kind {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl Serialize for Kind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
     }
 }
 
@@ -665,7 +729,7 @@ struct FileSchema {
     defaults: Option<DefaultsSpec>,
     environments: BTreeMap<String, EnvironmentSpec>,
     credentials: Option<BTreeMap<String, CredentialSpec>>,
-    migration: Option<crate::migration::MigrationSpec>,
+    migration: Option<MigrationSpec>,
     checks: Vec<CheckSchema>,
 }
 
@@ -681,6 +745,291 @@ struct CheckSchema {
 /// The JSON Schema of the check file, for editors (`cutover-monitor schema`).
 pub fn json_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(FileSchema)).expect("schema serializes")
+}
+
+// ---------------------------------------------------------------------------
+// The migration's phases: plain data; which one is in force is migration.rs's.
+// ---------------------------------------------------------------------------
+
+/// The value of `serving` (and of `cutover_expected_serving_env_info{env}`)
+/// when no environment should serve, e.g. while data moves.
+pub const NONE: &str = "none";
+
+/// A phase of the migration night, in the order they happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Before the window: old serves, new must get ready.
+    Preparation,
+    /// Services stopped, data moving: nothing has to serve.
+    Window,
+    /// DNS and MX point at new: new serves.
+    Switched,
+    /// Old is being switched off: new serves.
+    Decommission,
+}
+
+impl Phase {
+    /// Every phase, in order: the label values of `cutover_migration_phase`.
+    pub const ALL: [Phase; 4] = [Phase::Preparation, Phase::Window, Phase::Switched, Phase::Decommission];
+
+    /// The label value and the name in the check file and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Preparation => "preparation",
+            Phase::Window => "window",
+            Phase::Switched => "switched",
+            Phase::Decommission => "decommission",
+        }
+    }
+
+    /// Who serves when the check file does not say.
+    pub fn default_serving(self) -> &'static str {
+        match self {
+            Phase::Preparation => "old",
+            Phase::Window => NONE,
+            Phase::Switched | Phase::Decommission => "new",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Phase {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Phase, String> {
+        Phase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("unknown phase `{s}`: expected preparation, window, switched or decommission"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Schema and validation.
+// ---------------------------------------------------------------------------
+
+/// `migration:` in the check file.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationSpec {
+    /// The phases in time order; each lasts until its `end`, or until the next one starts.
+    pub phases: Vec<PhaseSpec>,
+}
+
+/// One phase of `migration.phases`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PhaseSpec {
+    /// `preparation`, `window`, `switched` or `decommission`.
+    pub name: Phase,
+    /// When it starts, RFC 3339, e.g. `2025-06-14T22:00:00+02:00`.
+    pub start: Rfc3339,
+    /// When it ends; when omitted, it lasts until the next phase starts.
+    pub end: Option<Rfc3339>,
+    /// The environment that should serve: a pinned environment's name or
+    /// `none`; `old` for preparation, `none` for window, `new` after.
+    pub serving: Option<String>,
+}
+
+/// A point in time written as RFC 3339 (`2025-06-14T22:00:00Z`, or with an
+/// offset), checked while the config loads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rfc3339 {
+    /// Unix seconds.
+    pub unix: f64,
+}
+
+impl<'de> Deserialize<'de> for Rfc3339 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+            .map(|t| Rfc3339 {
+                unix: t.unix_timestamp_nanos() as f64 / 1e9,
+            })
+            .map_err(|e| {
+                de::Error::custom(format!(
+                    "expected an RFC 3339 time like `2025-06-14T22:00:00+02:00`, got `{text}` ({e})"
+                ))
+            })
+    }
+}
+
+impl JsonSchema for Rfc3339 {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Rfc3339".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "format": "date-time", "examples": ["2025-06-14T22:00:00+02:00"]})
+    }
+}
+
+/// One validated phase.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PhaseWindow {
+    /// Which phase.
+    #[serde(rename = "name")]
+    pub phase: Phase,
+    /// Start, Unix seconds.
+    pub start: f64,
+    /// End as written, Unix seconds.
+    pub end: Option<f64>,
+    /// The environment that should serve, or [`NONE`].
+    pub serving: String,
+}
+
+/// The validated `migration` section; empty when the file has none.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Migration {
+    /// Phases in time order.
+    pub phases: Vec<PhaseWindow>,
+}
+
+/// Validates `migration:`, recording every problem with its position.
+fn load_migration(l: &mut Loader, value: Option<Value>, environments: &[Arc<Environment>]) -> Migration {
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Migration::default();
+    };
+    // Each phase on its own, so every problem is reported, not just the first.
+    let Value::Mapping(mut map) = value else {
+        l.error("migration", "expected a mapping with `phases`");
+        return Migration::default();
+    };
+    for key in map.keys() {
+        if key.as_str() != Some("phases") {
+            let name = key.as_str().unwrap_or("?");
+            l.error(
+                format!("migration.{name}"),
+                format!("unknown field `{name}`, expected `phases`"),
+            );
+        }
+    }
+    let items = match map.remove("phases") {
+        Some(Value::Sequence(items)) if !items.is_empty() => items,
+        Some(Value::Sequence(_)) | None => {
+            l.error(
+                "migration.phases",
+                "list at least one phase, e.g. `- {name: switched, start: 2025-06-14T23:00:00+02:00}`",
+            );
+            return Migration::default();
+        }
+        Some(_) => {
+            l.error("migration.phases", "expected a list of phases");
+            return Migration::default();
+        }
+    };
+    let mut out: Vec<PhaseWindow> = Vec::new();
+    let mut prev_at = 0;
+    for (i, item) in items.into_iter().enumerate() {
+        let at = format!("migration.phases[{i}]");
+        let Some(p) = l.parse::<PhaseSpec>(item, &at) else {
+            continue;
+        };
+        if out.iter().any(|w| w.phase == p.name) {
+            l.error(format!("{at}.name"), format!("phase `{}` is listed twice", p.name));
+        }
+        if let Some(end) = &p.end {
+            if end.unix <= p.start.unix {
+                l.error(
+                    format!("{at}.end"),
+                    format!(
+                        "phase `{}` ends ({}) before it starts ({})",
+                        p.name,
+                        timestamp(end.unix),
+                        timestamp(p.start.unix)
+                    ),
+                );
+            }
+        }
+        let serving = p
+            .serving
+            .clone()
+            .unwrap_or_else(|| p.name.default_serving().to_string());
+        if serving != NONE {
+            let field = if p.serving.is_some() {
+                format!("{at}.serving")
+            } else {
+                format!("{at}.name")
+            };
+            match environments.iter().find(|e| e.name == serving).map(|e| &e.kind) {
+                Some(EnvKind::Pinned(_)) => {}
+                Some(EnvKind::Live(_)) => l.error(
+                    field,
+                    format!("`{serving}` follows DNS: name the pinned environment that should serve, or `none`"),
+                ),
+                None if p.serving.is_some() => l.error(
+                    field,
+                    format!("unknown environment `{serving}`: expected `none` or {}", env_names(environments)),
+                ),
+                None => l.error(
+                    field,
+                    format!(
+                        "phase `{}` is served by `{serving}` unless `serving` says otherwise, and there is no environment `{serving}`",
+                        p.name
+                    ),
+                ),
+            }
+        }
+        if let Some(prev) = out.last() {
+            if p.name < prev.phase {
+                l.error(
+                    format!("{at}.name"),
+                    format!(
+                        "phase `{}` comes after `{}` (migration.phases[{prev_at}]): list phases in the order preparation, window, switched, decommission",
+                        p.name, prev.phase
+                    ),
+                );
+            } else if p.start.unix <= prev.start {
+                l.error(
+                    format!("{at}.start"),
+                    format!(
+                        "phase `{}` starts ({}) no later than `{}` (migration.phases[{prev_at}], {}): phases follow each other in time",
+                        p.name,
+                        timestamp(p.start.unix),
+                        prev.phase,
+                        timestamp(prev.start)
+                    ),
+                );
+            } else if let Some(end) = prev.end.filter(|e| *e > p.start.unix) {
+                l.error(
+                    format!("{at}.start"),
+                    format!(
+                        "phase `{}` starts ({}) before `{}` (migration.phases[{prev_at}]) ends ({}): phases must not overlap",
+                        p.name,
+                        timestamp(p.start.unix),
+                        prev.phase,
+                        timestamp(end)
+                    ),
+                );
+            }
+        }
+        prev_at = i;
+        out.push(PhaseWindow {
+            phase: p.name,
+            start: p.start.unix,
+            end: p.end.map(|e| e.unix),
+            serving,
+        });
+    }
+    Migration { phases: out }
+}
+
+fn env_names(environments: &[Arc<Environment>]) -> String {
+    let names: Vec<String> = environments
+        .iter()
+        .filter(|e| matches!(e.kind, EnvKind::Pinned(_)))
+        .map(|e| format!("`{}`", e.name))
+        .collect();
+    if names.is_empty() {
+        "a pinned environment".into()
+    } else {
+        format!("one of {}", names.join(", "))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -757,33 +1106,35 @@ pub struct Check {
     pub kind: KindSpec,
 }
 
-/// A check with its built probe.
+/// A check with what was built from it: its probe, in the daemon (the
+/// loader builds nothing itself; see [`load`]).
 #[derive(Clone)]
-pub struct LoadedCheck {
+pub struct LoadedCheck<P> {
     /// The validated check.
     pub check: Arc<Check>,
     /// Its probe.
-    pub probe: Arc<dyn probe::Probe>,
+    pub probe: P,
 }
 
-/// The validated configuration the daemon runs.
+/// The validated configuration, each check with what `P` the layer above
+/// built from it (its probe).
 #[derive(Clone)]
-pub struct Config {
+pub struct Config<P> {
     /// The file it came from.
     pub path: PathBuf,
     /// Environments in file order.
     pub environments: Vec<Arc<Environment>>,
     /// Checks in file order.
-    pub checks: Vec<LoadedCheck>,
+    pub checks: Vec<LoadedCheck<P>>,
     /// Slots for probe runs in flight (`defaults.max_concurrent_probes`).
     pub probe_slots: Arc<tokio::sync::Semaphore>,
     /// The migration's phases (`migration`); empty without that section.
-    pub migration: crate::migration::Migration,
+    pub migration: Migration,
     /// Credential usernames, so status surfaces can blank them out of server replies.
     pub usernames: Vec<String>,
 }
 
-impl Config {
+impl<P> Config<P> {
     /// The pinned environment an address belongs to, for labelling `live` answers.
     pub fn env_of(&self, ip: IpAddr) -> Option<&str> {
         self.environments.iter().find_map(|e| match &e.kind {
@@ -796,6 +1147,26 @@ impl Config {
 // ---------------------------------------------------------------------------
 // Errors with positions.
 // ---------------------------------------------------------------------------
+
+/// A problem with one field of a check's spec, found while building its
+/// probe; the loader turns it into a [`ConfigError`] at that field's position.
+#[derive(Debug, Clone)]
+pub struct FieldError {
+    /// Field path relative to the check, e.g. `url` or `expect.status`.
+    pub field: String,
+    /// What is wrong and what is expected instead.
+    pub message: String,
+}
+
+impl FieldError {
+    /// Shorthand used by probe constructors.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
 
 /// One problem in a check file, with where it is.
 #[derive(Debug, Clone, PartialEq)]
@@ -1076,15 +1447,21 @@ impl<'a> Loader<'a> {
     }
 }
 
-/// Reads and validates a check file, reporting every problem at once.
-pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+/// Builds what runs a check (its probe) from the validated check, or names the
+/// field that is wrong; the loader reports it at that field's position.
+pub type Build<'a, P> = &'a dyn Fn(&Check, &Credentials) -> Result<P, FieldError>;
+
+/// Reads and validates a check file, reporting every problem at once; `build`
+/// makes each check's probe (the layer above passes its own, so specs stay
+/// plain data and know no probe).
+pub fn load<P>(path: &Path, build: Build<P>) -> Result<Config<P>, ConfigErrors> {
     let text =
         std::fs::read_to_string(path).map_err(|e| ConfigErrors::whole(path, 0, 0, format!("cannot read: {e}")))?;
-    parse(path, &text)
+    parse(path, &text, build)
 }
 
 /// Validates check-file text; `path` is used in messages and for relative paths.
-pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+pub fn parse<P>(path: &Path, text: &str, build: Build<P>) -> Result<Config<P>, ConfigErrors> {
     let mut l = Loader::new(path, text);
     let root: Value = serde_yaml::from_str(text).map_err(|e| ConfigErrors::yaml(path, &e))?;
     let Value::Mapping(mut root) = root else {
@@ -1109,8 +1486,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     };
     let environments = load_environments(&mut l, root.remove("environments"));
     let credentials = load_credentials(&mut l, root.remove("credentials"));
-    let checks = load_checks(&mut l, root.remove("checks"), &defaults, &environments, &credentials);
-    let migration = crate::migration::load(&mut l, root.remove("migration"), &environments);
+    let checks = load_checks(
+        &mut l,
+        root.remove("checks"),
+        &defaults,
+        &environments,
+        &credentials,
+        build,
+    );
+    let migration = load_migration(&mut l, root.remove("migration"), &environments);
     let max_concurrent_probes = defaults.max_concurrent_probes.unwrap_or(DEFAULT_MAX_CONCURRENT_PROBES);
     if !(1..=tokio::sync::Semaphore::MAX_PERMITS).contains(&max_concurrent_probes) {
         l.error("defaults.max_concurrent_probes", "must be at least 1");
@@ -1253,13 +1637,14 @@ pub(crate) fn warn_if_readable_by_others(file: &Path, what: &str) {
     }
 }
 
-fn load_checks(
+fn load_checks<P>(
     l: &mut Loader,
     value: Option<Value>,
     defaults: &DefaultsSpec,
     environments: &[Arc<Environment>],
     credentials: &Credentials,
-) -> Vec<LoadedCheck> {
+    build: Build<P>,
+) -> Vec<LoadedCheck<P>> {
     let items = match value {
         Some(Value::Sequence(items)) => items,
         None => {
@@ -1392,7 +1777,7 @@ fn load_checks(
             );
             continue;
         }
-        match probe::build(&check, credentials) {
+        match build(&check, credentials) {
             Ok(probe) => out.push(LoadedCheck { check, probe }),
             Err(e) => l.error(format!("{at}.{}", e.field), e.message),
         }
@@ -1405,7 +1790,7 @@ mod tests {
     use super::*;
 
     fn errors(text: &str) -> Vec<String> {
-        match parse(Path::new("c.yaml"), text) {
+        match crate::probe::parse(Path::new("c.yaml"), text) {
             Ok(_) => Vec::new(),
             Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
         }
@@ -1477,7 +1862,7 @@ mod tests {
         let text = format!(
             "{ENVS}defaults: {{interval: 5s, timeout: 2s}}\nchecks:\n  - {{name: a, kind: tcp, host: a.test, port: 1}}\n"
         );
-        let config = parse(Path::new("c.yaml"), &text).unwrap();
+        let config = crate::probe::parse(Path::new("c.yaml"), &text).unwrap();
         let check = &config.checks[0].check;
         assert_eq!(
             check.envs.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),

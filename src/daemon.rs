@@ -14,8 +14,11 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::config::{self, Config};
+use crate::config;
 use crate::metrics::Metrics;
+use crate::metrics::MigrationMetrics;
+use crate::migration::Control;
+use crate::probe::{self, Config};
 use crate::scheduler::{Scheduler, Shared};
 use crate::server::{self, AppState, Web};
 use crate::shutdown::{Request, Signals};
@@ -39,6 +42,19 @@ pub struct Options {
     pub storage_path: PathBuf,
 }
 
+/// How often the daemon re-reads the clock for phase boundaries.
+const PUBLISH_PHASE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Keeps the phase series current as the clock passes phase boundaries and
+/// reloads change the phases; runs until aborted.
+async fn publish_phase(control: Arc<Control>, config: Arc<RwLock<Arc<Config>>>, metrics: MigrationMetrics) {
+    loop {
+        let current = config.read().expect("config lock").clone();
+        metrics.show(&control.publish(&current.migration));
+        tokio::time::sleep(PUBLISH_PHASE_EVERY).await;
+    }
+}
+
 /// Runs the daemon until a stop signal.
 pub async fn run(options: Options) -> anyhow::Result<()> {
     let Options {
@@ -49,7 +65,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         storage_path,
     } = options;
     let mut signals = Signals::install().context("installing signal handlers")?;
-    let config = Arc::new(config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let config = Arc::new(probe::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?);
     let web = Web::new(load_web(web_config_file.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?);
     let shared = Shared::new(Metrics::new().with_process_metrics());
     shared.metrics.config_loaded(true);
@@ -61,8 +77,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let tls = web.current().tls.is_some();
     // The phase override is kept in memory only: it survives reloads, not restarts.
-    let phase = crate::migration::Control::new();
-    let phase_metrics = tokio::spawn(crate::migration::publish_loop(
+    let phase = Control::new();
+    let phase_metrics = tokio::spawn(publish_phase(
         phase.clone(),
         current.clone(),
         shared.metrics.migration(),
@@ -138,7 +154,7 @@ fn reload(
     current: &RwLock<Arc<Config>>,
     web: &Web,
 ) -> Result<(), String> {
-    let checks = config::load(path);
+    let checks = probe::load(path);
     let web_config = load_web(web_path).and_then(|w| {
         if w.tls.is_some() == web.current().tls.is_some() {
             Ok(w)

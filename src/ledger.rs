@@ -8,7 +8,7 @@
 //! I/O), which is what "no mail is counted twice after a crash" rests on.
 //!
 //! Every state change and the counter totals it implies are written in one
-//! transaction, and published to [`MailMetrics`] only after it committed; at
+//! transaction, and published to its [`MailSink`] (the metrics' mail series) only after it committed; at
 //! start the counters begin from the stored totals, so metrics always equal the
 //! ledger. A row is written before its mail is sent (`intent`); a crash before
 //! the server's reply is recorded leaves `intent`, which becomes `send_unknown`:
@@ -20,12 +20,75 @@
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::metrics::{MailCount, MailMetrics};
+/// A counted mail event. The ledger keeps one total per event (and label) so
+/// counters start from its totals after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MailCount {
+    /// `cutover_mail_sent_total`.
+    Sent,
+    /// `cutover_mail_send_failures_total`, label `reason`.
+    SendFailure,
+    /// `cutover_mail_delivered_total`, label `delivered_env`.
+    Delivered,
+    /// `cutover_mail_late_total`.
+    Late,
+    /// `cutover_mail_lost_total`.
+    Lost,
+    /// `cutover_mail_duplicates_total`.
+    Duplicate,
+}
+
+impl MailCount {
+    /// Every event, for reading totals back.
+    pub const ALL: [MailCount; 6] = [
+        Self::Sent,
+        Self::SendFailure,
+        Self::Delivered,
+        Self::Late,
+        Self::Lost,
+        Self::Duplicate,
+    ];
+
+    /// The name the ledger stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::SendFailure => "send_failure",
+            Self::Delivered => "delivered",
+            Self::Late => "late",
+            Self::Lost => "lost",
+            Self::Duplicate => "duplicate",
+        }
+    }
+}
+
+/// Where the ledger publishes what it committed. The daemon hands it the
+/// metrics' mail series; `check`'s one-shot ledger hands it [`NoSink`]. The
+/// ledger sits below the metrics, so it names this trait, never the metrics.
+pub trait MailSink: Send + Sync {
+    /// Adds `n` to an event's count on a route; `label` is the failure reason
+    /// or the delivered environment, empty for the unlabelled events.
+    fn add(&self, check: &str, route: &str, what: MailCount, label: &str, n: u64);
+    /// A delivery into `env`: its latency when the accept time is known, and
+    /// when it became visible (Unix seconds).
+    fn delivered(&self, check: &str, route: &str, env: &str, latency: Option<f64>, visible_at: f64);
+    /// Mails in flight on a route and the age of the oldest, in seconds.
+    fn in_flight(&self, check: &str, route: &str, count: u64, oldest_age: f64);
+}
+
+/// A [`MailSink`] that keeps nothing: for one-shot runs nobody scrapes.
+pub struct NoSink;
+
+impl MailSink for NoSink {
+    fn add(&self, _: &str, _: &str, _: MailCount, _: &str, _: u64) {}
+    fn delivered(&self, _: &str, _: &str, _: &str, _: Option<f64>, _: f64) {}
+    fn in_flight(&self, _: &str, _: &str, _: u64, _: f64) {}
+}
 
 /// The database file inside `--storage.path`.
 pub const DB_FILE: &str = "ledger.sqlite";
@@ -107,7 +170,7 @@ pub struct Entry {
 pub struct Ledger {
     conn: Mutex<Connection>,
     where_: String,
-    metrics: MailMetrics,
+    metrics: Arc<dyn MailSink>,
     /// This daemon's identity.
     pub identity: Identity,
 }
@@ -164,7 +227,7 @@ pub fn random_hex(bytes: usize) -> std::io::Result<String> {
 impl Ledger {
     /// Opens (or creates) the ledger in `dir`, with the identity kept there,
     /// resumes what a crash interrupted and seeds `metrics` from the totals.
-    pub fn open(dir: &Path, metrics: MailMetrics) -> Result<Ledger, LedgerError> {
+    pub fn open(dir: &Path, metrics: Arc<dyn MailSink>) -> Result<Ledger, LedgerError> {
         let where_ = dir.join(DB_FILE).display().to_string();
         let err = |step: &'static str| {
             let where_ = where_.clone();
@@ -200,7 +263,7 @@ impl Ledger {
     }
 
     /// A ledger in memory with a fresh identity, for `check`: nothing outlives the run.
-    pub fn in_memory(metrics: MailMetrics) -> Result<Ledger, LedgerError> {
+    pub fn in_memory(metrics: Arc<dyn MailSink>) -> Result<Ledger, LedgerError> {
         let where_ = ":memory:".to_string();
         let conn = Connection::open_in_memory().map_err(|e| sql(&where_, "open", e))?;
         let random = |n| {
@@ -220,7 +283,7 @@ impl Ledger {
     fn start(
         conn: Connection,
         where_: String,
-        metrics: MailMetrics,
+        metrics: Arc<dyn MailSink>,
         identity: Identity,
     ) -> Result<Ledger, LedgerError> {
         let e = |step| {
@@ -601,7 +664,7 @@ fn bump(
     Ok(())
 }
 
-fn publish_flight(conn: &Connection, metrics: &MailMetrics, check: &str, route: &str) -> rusqlite::Result<()> {
+fn publish_flight(conn: &Connection, metrics: &Arc<dyn MailSink>, check: &str, route: &str) -> rusqlite::Result<()> {
     let (count, oldest): (i64, Option<f64>) = conn.query_row(
         "SELECT COUNT(*), MIN(COALESCE(accepted, created)) FROM mails
          WHERE check_name = ?1 AND route = ?2 AND state IN ('sent', 'send_unknown')",
@@ -654,7 +717,7 @@ mod tests {
 
     #[test]
     fn a_mail_is_counted_once_whatever_the_order_of_reply_and_sighting() {
-        let l = Ledger::in_memory(MailMetrics::unregistered()).unwrap();
+        let l = Ledger::in_memory(Arc::new(NoSink)).unwrap();
         l.intent("a", "c", "new").unwrap();
         l.accepted("a", now(), "250 ok").unwrap();
         assert_eq!(l.found(&found("a", 1)).unwrap(), Sighting::Delivered);
@@ -684,7 +747,7 @@ mod tests {
     fn totals_survive_a_reopen_and_interrupted_sends_become_unknown() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let l = Ledger::open(dir.path(), MailMetrics::unregistered()).unwrap();
+            let l = Ledger::open(dir.path(), Arc::new(NoSink)).unwrap();
             l.intent("a", "c", "new").unwrap();
             l.accepted("a", now(), "250").unwrap();
             l.found(&found("a", 1)).unwrap();
@@ -700,7 +763,7 @@ mod tests {
         if dir.path().join(&wal).exists() {
             assert_eq!(mode(&wal), 0o600, "{wal}");
         }
-        let l = Ledger::open(dir.path(), MailMetrics::unregistered()).unwrap();
+        let l = Ledger::open(dir.path(), Arc::new(NoSink)).unwrap();
         assert_eq!(l.entry("b").unwrap().unwrap().state, "send_unknown");
         assert_eq!(l.found(&found("b", 2)).unwrap(), Sighting::Delivered);
         let ages = Ages {

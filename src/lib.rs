@@ -33,6 +33,12 @@ pub fn unix_now() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// RFC 3339 in UTC, to the second, for people: logs, `check`, the status page.
+pub fn timestamp(unix: f64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(unix.max(0.0));
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
 /// Writes `bytes` to `path` readable by the daemon's user only (0600), through
 /// a temporary file renamed into place, so a crash never leaves half a file:
 /// the ledger's key and identity, the kept customer-domain audits.

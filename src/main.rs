@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use cutover_monitor::config::{self, Kind};
 use cutover_monitor::probe::hosted_domains::{Finding, HostedDomainsProbe, Progress};
-use cutover_monitor::{client, config, daemon, migration, report, scheduler};
+use cutover_monitor::{client, daemon, migration, probe, report, scheduler};
 use hyper::Method;
 
 /// Watches a mail service's old and new environments side by side during a
@@ -193,7 +194,7 @@ fn main() -> ExitCode {
             config_file,
             web_config_file,
         } => {
-            let checks = config::load(&config_file);
+            let checks = probe::load(&config_file);
             let web = daemon::load_web(web_config_file.as_deref());
             for errors in [checks.as_ref().err(), web.as_ref().err()].into_iter().flatten() {
                 eprintln!("{errors}");
@@ -229,7 +230,7 @@ async fn run_check(
     format: OutputFormat,
     phase: Option<String>,
 ) -> i32 {
-    let config = match config::load(&config_file) {
+    let config = match probe::load(&config_file) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("{errors}");
@@ -241,7 +242,7 @@ async fn run_check(
         .filter(|s| envs.is_empty() || envs.contains(&s.inst.env))
         .filter(|s| checks.is_empty() || checks.contains(&s.inst.check))
         // An audit of thousands of domains is the `domains` command's job.
-        .filter(|s| s.inst.kind != "hosted_domains" || checks.contains(&s.inst.check))
+        .filter(|s| s.inst.kind != Kind::HostedDomains || checks.contains(&s.inst.check))
         .collect();
     if specs.is_empty() {
         eprintln!("no check instance matches --env {envs:?} --check {checks:?}");
@@ -262,17 +263,13 @@ async fn run_check(
                 .current(Some(migration::Manual { phase: p, since: now }), now);
             current.source = migration::Source::Assumed;
         }
-        let seen: Vec<_> = specs
-            .iter()
-            .zip(&outcomes)
-            .map(|(s, o)| migration::observe(&config, &s.inst, Some(o)))
-            .collect();
-        let mail = if config.checks.iter().any(|c| c.check.kind.name() == "mailflow") {
-            migration::MailEvidence::OneShot
+        let seen: Vec<_> = specs.iter().zip(&outcomes).map(|(s, o)| (s, Some(o))).collect();
+        let mail = if config.checks.iter().any(|c| c.check.kind.kind() == Kind::Mailflow) {
+            report::MailEvidence::OneShot
         } else {
-            migration::MailEvidence::Unconfigured
+            report::MailEvidence::Unconfigured
         };
-        let verdicts = migration::verdicts(&config.migration, &current, &seen, &mail, now);
+        let verdicts = report::assess(&config, &current, &seen, &mail, now);
         print!("{}", report::go_no_go(&current, &verdicts));
     }
     report::exit_code(&rows)
@@ -281,7 +278,7 @@ async fn run_check(
 /// `domains`: one audit per selected `hosted_domains` check, with a progress
 /// bar on a terminal, then the rows on stdout and a summary on stderr.
 async fn run_domains(config_file: PathBuf, checks: Vec<String>, findings: Vec<String>, format: DomainsFormat) -> i32 {
-    let config = match config::load(&config_file) {
+    let config = match probe::load(&config_file) {
         Ok(c) => c,
         Err(errors) => {
             eprintln!("{errors}");
@@ -418,7 +415,7 @@ async fn run_phase(action: PhaseAction, listen: SocketAddr, username: Option<Str
         PhaseAction::Show => {
             let status: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
             let current: migration::Current = serde_json::from_value(status["phase"].clone()).map_err(bad)?;
-            let verdicts: Vec<migration::Verdict> = serde_json::from_value(status["verdicts"].clone()).map_err(bad)?;
+            let verdicts: Vec<report::Verdict> = serde_json::from_value(status["verdicts"].clone()).map_err(bad)?;
             report::go_no_go(&current, &verdicts)
         }
         _ => report::go_no_go(&serde_json::from_str(&text).map_err(bad)?, &[]),

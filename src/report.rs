@@ -1,13 +1,18 @@
 //! The `check` command's output: a table for people at 3 a.m., JSON for
 //! scripts, and Nagios-style exit codes for the go/no-go decision.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::metrics::Extra;
-use crate::probe::Outcome;
+use crate::config::{EnvKind, Kind};
+use crate::migration::{Current, Migration, Phase, Source};
+use crate::probe::dns::Measured;
+use crate::probe::{Config, Measurement, Outcome};
 use crate::scheduler::InstanceSpec;
+use crate::timestamp;
 
 /// Exit code when every selected instance passed.
 pub const EXIT_OK: i32 = 0;
@@ -22,7 +27,7 @@ pub struct Row {
     /// Check name.
     pub check: String,
     /// Probe kind.
-    pub kind: &'static str,
+    pub kind: crate::config::Kind,
     /// Environment.
     pub env: String,
     /// Address label (`resolved` for live).
@@ -71,12 +76,12 @@ pub struct DnsRow {
     pub propagation_deadline: Option<f64>,
 }
 
-/// The `dns` answers among a run's extras, one per record (also the status page's DNS table).
-pub fn dns_rows(extras: &[Extra]) -> Vec<DnsRow> {
-    extras
+/// The `dns` answers among a run's measurements, one per record (also the status page's DNS table).
+pub fn dns_rows(measurements: &[Measurement]) -> Vec<DnsRow> {
+    measurements
         .iter()
-        .filter_map(|e| match e {
-            Extra::DnsAnswer {
+        .filter_map(|m| match m {
+            Measurement::Dns(Measured::Answer {
                 record,
                 rtype,
                 state,
@@ -84,20 +89,20 @@ pub fn dns_rows(extras: &[Extra]) -> Vec<DnsRow> {
                 seconds,
                 tcp,
                 ..
-            } => Some(DnsRow {
+            }) => Some(DnsRow {
                 record: record.clone(),
                 rtype,
                 state: state.as_str(),
                 ttl_seconds: *ttl,
                 query_seconds: *seconds,
                 tcp: *tcp,
-                propagation_deadline: extras.iter().find_map(|s| match s {
-                    Extra::DnsSummary {
+                propagation_deadline: measurements.iter().find_map(|s| match s {
+                    Measurement::Dns(Measured::Summary {
                         record: r,
                         rtype: t,
                         deadline,
                         ..
-                    } if r == record && t == rtype => *deadline,
+                    }) if r == record && t == rtype => *deadline,
                     _ => None,
                 }),
             }),
@@ -127,7 +132,7 @@ pub fn rows(specs: &[InstanceSpec], outcomes: &[Outcome]) -> Vec<Row> {
                 phases: o.phases.iter().map(|(p, d)| (*p, d.as_secs_f64())).collect(),
                 cert_sha256: o.cert.as_ref().map(|c| c.sha256.clone()),
                 cert_not_after: o.cert.as_ref().map(|c| c.not_after),
-                dns: dns_rows(&o.extras),
+                dns: dns_rows(&o.measurements),
             }
         })
         .collect()
@@ -280,7 +285,7 @@ fn dns_table(rows: &[Row]) -> String {
 /// The go/no-go section under the table: the phase in force and, per
 /// question that matters in it, GO, NO-GO or UNKNOWN with the evidence. The
 /// exit code stays that of the table; these lines say what it means tonight.
-pub fn go_no_go(current: &crate::migration::Current, verdicts: &[crate::migration::Verdict]) -> String {
+pub fn go_no_go(current: &crate::migration::Current, verdicts: &[Verdict]) -> String {
     let mut out = format!("\nMIGRATION PHASE: {}\n", current.describe());
     if !verdicts.is_empty() {
         let width = verdicts.iter().map(|v| v.question.chars().count()).max().unwrap_or(0);
@@ -290,11 +295,6 @@ pub fn go_no_go(current: &crate::migration::Current, verdicts: &[crate::migratio
         }
     }
     out
-}
-
-fn timestamp(unix: f64) -> String {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(unix.max(0.0));
-    humantime::format_rfc3339_seconds(at).to_string()
 }
 
 /// One audited domain as the `domains` command prints it.
@@ -394,6 +394,423 @@ pub fn audit_summary(report: &crate::probe::hosted_domains::AuditReport) -> Stri
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------
+// Go/no-go: what matters in each phase.
+// ---------------------------------------------------------------------------
+
+/// One instance's state as the go/no-go questions see it.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    /// Check name.
+    pub check: String,
+    /// Probe kind.
+    pub kind: Kind,
+    /// Environment (or resolver) name.
+    pub env: String,
+    /// Address label.
+    pub address: String,
+    /// Whether `env` is a configured environment (not a resolver of a `dns` check).
+    pub is_env: bool,
+    /// Whether that environment follows DNS.
+    pub live: bool,
+    /// Pass, fail, or not run yet.
+    pub ok: Option<bool>,
+    /// Failure reason label.
+    pub reason: Option<&'static str>,
+    /// For live instances: the environment the resolved address belongs to.
+    pub resolved_env: Option<String>,
+    /// Environments whose readiness the check speaks for besides its own
+    /// (`mail_auth`: those that must pass SPF; `dns`: `new`'s records).
+    pub judges: Vec<String>,
+}
+
+/// Pairs an instance with its last outcome (none before its first run).
+fn observe(config: &Config, spec: &InstanceSpec, outcome: Option<&Outcome>) -> Observation {
+    let inst = &spec.inst;
+    let env = config.environments.iter().find(|e| e.name == inst.env);
+    Observation {
+        judges: spec.check.probe.judges(),
+        check: inst.check.clone(),
+        kind: inst.kind,
+        env: inst.env.clone(),
+        address: inst.address.clone(),
+        is_env: env.is_some(),
+        live: env.is_some_and(|e| matches!(e.kind, EnvKind::Live(_))),
+        ok: outcome.map(Outcome::success),
+        reason: outcome.and_then(|o| o.result.as_ref().err()).map(|f| f.reason.as_str()),
+        resolved_env: outcome.and_then(|o| o.resolved.as_ref()).map(|(_, env)| env.clone()),
+    }
+}
+
+/// What is known about mail flow for the mail questions.
+#[derive(Debug, Clone)]
+pub enum MailEvidence {
+    /// No `mailflow` check: the mail questions are not asked.
+    Unconfigured,
+    /// `check`: whether each run's probe mail arrived, but not where.
+    OneShot,
+    /// The daemon's ledger: when a probe mail last became visible in each
+    /// environment, and how recent counts as flowing.
+    Ledger {
+        /// Environment -> Unix seconds.
+        last_delivered: BTreeMap<String, f64>,
+        /// Seconds.
+        fresh_within: f64,
+    },
+}
+
+/// The answer to a go/no-go question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Answer {
+    /// Go.
+    Yes,
+    /// No-go.
+    No,
+    /// Not known yet (checks not run, nothing configured to tell).
+    Unknown,
+}
+
+impl Answer {
+    /// How `check` and the status page print it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Answer::Yes => "GO",
+            Answer::No => "NO-GO",
+            Answer::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// One go/no-go question with its answer and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Verdict {
+    /// E.g. `Is new ready?`.
+    pub question: String,
+    /// Yes, no, unknown.
+    pub answer: Answer,
+    /// The evidence, e.g. which instances fail.
+    pub detail: String,
+}
+
+/// The go/no-go answers in the phase in force, from each instance's last
+/// outcome (none before its first run): before the switch, is the target
+/// ready; after it, does live resolve to the target, does it serve, does mail
+/// flow into it and nothing land in the source any more. None without a
+/// `migration` section or an override. `check` and the status page both ask
+/// this, so they never disagree.
+pub fn assess(
+    config: &Config,
+    current: &Current,
+    instances: &[(&InstanceSpec, Option<&Outcome>)],
+    mail: &MailEvidence,
+    now: f64,
+) -> Vec<Verdict> {
+    let seen: Vec<Observation> = instances.iter().map(|(s, o)| observe(config, s, *o)).collect();
+    verdicts(&config.migration, current, &seen, mail, now)
+}
+
+/// [`assess`] on the instances' observations.
+fn verdicts(
+    migration: &Migration,
+    current: &Current,
+    seen: &[Observation],
+    mail: &MailEvidence,
+    now: f64,
+) -> Vec<Verdict> {
+    let phase = match (current.phase, current.source) {
+        (Some(p), _) => p,
+        (None, Source::Unconfigured) => return Vec::new(),
+        // Between phases the last one's questions still hold; before the first, preparation's.
+        (None, _) => migration
+            .phases
+            .iter()
+            .rev()
+            .find(|w| w.start <= now)
+            .map_or(Phase::Preparation, |w| w.phase),
+    };
+    let target = migration.target();
+    let source = migration.source();
+    match phase {
+        Phase::Preparation | Phase::Window => vec![healthy(seen, &target, format!("Is {target} ready?"))],
+        Phase::Switched | Phase::Decommission => {
+            let mut out = vec![
+                live_is(seen, &target),
+                healthy(seen, &target, format!("Is {target} serving?")),
+            ];
+            let switched_at = match current.source {
+                Source::Manual => current.since,
+                _ => migration
+                    .phases
+                    .iter()
+                    .find(|w| w.phase == Phase::Switched && w.start <= now)
+                    .map(|w| w.start)
+                    .or(current.since),
+            };
+            out.extend(mail_verdicts(seen, mail, &target, &source, switched_at, now));
+            out
+        }
+    }
+}
+
+fn healthy(seen: &[Observation], env: &str, question: String) -> Verdict {
+    // Its own instances, and the checks that judge it from elsewhere (will
+    // mail from it authenticate, do its DNS records exist).
+    let mine: Vec<&Observation> = seen
+        .iter()
+        .filter(|o| (o.is_env && o.env == env) || o.judges.iter().any(|j| j == env))
+        .collect();
+    let failing: Vec<String> = mine
+        .iter()
+        .filter(|o| o.ok == Some(false))
+        .map(|o| match o.is_env {
+            true => format!("{} {} ({})", o.check, o.address, o.reason.unwrap_or("?")),
+            false => format!("{} via {} ({})", o.check, o.env, o.reason.unwrap_or("?")),
+        })
+        .collect();
+    let pending = mine.iter().filter(|o| o.ok.is_none()).count();
+    let (answer, detail) = if mine.is_empty() {
+        (Answer::Unknown, format!("no check runs in `{env}`"))
+    } else if !failing.is_empty() {
+        (
+            Answer::No,
+            format!(
+                "{} of {} {env} instances failing: {}",
+                failing.len(),
+                mine.len(),
+                failing.join(", ")
+            ),
+        )
+    } else if pending > 0 {
+        (
+            Answer::Unknown,
+            format!("{pending} of {} {env} instances not run yet", mine.len()),
+        )
+    } else {
+        (Answer::Yes, format!("all {} {env} instances OK", mine.len()))
+    };
+    Verdict {
+        question,
+        answer,
+        detail,
+    }
+}
+
+fn live_is(seen: &[Observation], target: &str) -> Verdict {
+    let live: Vec<&Observation> = seen.iter().filter(|o| o.live).collect();
+    let elsewhere: Vec<String> = live
+        .iter()
+        .filter_map(|o| {
+            o.resolved_env
+                .as_deref()
+                .filter(|e| *e != target)
+                .map(|e| format!("{} -> {e}", o.check))
+        })
+        .collect();
+    let unresolved: Vec<String> = live
+        .iter()
+        .filter(|o| o.resolved_env.is_none())
+        .map(|o| format!("{} ({})", o.check, o.reason.unwrap_or("not run yet")))
+        .collect();
+    let (answer, detail) = if live.is_empty() {
+        (Answer::Unknown, "no check runs in a live environment".to_string())
+    } else if !elsewhere.is_empty() {
+        (
+            Answer::No,
+            format!(
+                "{} of {} live instances resolve elsewhere: {}",
+                elsewhere.len(),
+                live.len(),
+                elsewhere.join(", ")
+            ),
+        )
+    } else if !unresolved.is_empty() {
+        (Answer::Unknown, format!("not resolved: {}", unresolved.join(", ")))
+    } else {
+        (
+            Answer::Yes,
+            format!("all {} live instances resolve to {target}", live.len()),
+        )
+    };
+    Verdict {
+        question: format!("Is live = {target}?"),
+        answer,
+        detail,
+    }
+}
+
+fn mail_verdicts(
+    seen: &[Observation],
+    mail: &MailEvidence,
+    target: &str,
+    source: &str,
+    switched_at: Option<f64>,
+    now: f64,
+) -> Vec<Verdict> {
+    match mail {
+        MailEvidence::Unconfigured => Vec::new(),
+        MailEvidence::OneShot => {
+            let runs: Vec<&Observation> = seen.iter().filter(|o| o.kind == Kind::Mailflow).collect();
+            let failed: Vec<String> = runs
+                .iter()
+                .filter(|o| o.ok == Some(false))
+                .map(|o| format!("{} via {} ({})", o.check, o.env, o.reason.unwrap_or("?")))
+                .collect();
+            let flowing = if runs.is_empty() {
+                (Answer::Unknown, "no mailflow check selected".to_string())
+            } else if failed.is_empty() {
+                (Answer::Yes, format!("all {} probe mails arrived", runs.len()))
+            } else {
+                (Answer::No, format!("not arrived: {}", failed.join(", ")))
+            };
+            vec![
+                Verdict {
+                    question: "Is mail flowing?".into(),
+                    answer: flowing.0,
+                    detail: flowing.1,
+                },
+                Verdict {
+                    question: format!("Is nothing landing in {source}?"),
+                    answer: Answer::Unknown,
+                    detail: "`check` sees that a probe mail arrived, not where: the daemon's status page tells".into(),
+                },
+            ]
+        }
+        MailEvidence::Ledger {
+            last_delivered,
+            fresh_within,
+        } => {
+            let flowing = match last_delivered.get(target) {
+                None => (Answer::No, format!("no probe mail has arrived in {target} yet")),
+                Some(at) if now - at <= *fresh_within => (
+                    Answer::Yes,
+                    format!("last probe mail arrived in {target} {} ago", ago(now - at)),
+                ),
+                Some(at) => (
+                    Answer::No,
+                    format!(
+                        "last probe mail arrived in {target} {} ago (flowing means within {})",
+                        ago(now - at),
+                        ago(*fresh_within)
+                    ),
+                ),
+            };
+            let landing = match (last_delivered.get(source), switched_at) {
+                (Some(at), Some(switch)) if *at >= switch => (
+                    Answer::No,
+                    format!(
+                        "a probe mail arrived in {source} {} ago, after the switch ({})",
+                        ago(now - at),
+                        timestamp(switch)
+                    ),
+                ),
+                (_, Some(switch)) => (
+                    Answer::Yes,
+                    format!(
+                        "no probe mail arrived in {source} since the switch ({})",
+                        timestamp(switch)
+                    ),
+                ),
+                (_, None) => (Answer::Unknown, "the switch time is not known".to_string()),
+            };
+            vec![
+                Verdict {
+                    question: format!("Is mail flowing into {target}?"),
+                    answer: flowing.0,
+                    detail: flowing.1,
+                },
+                Verdict {
+                    question: format!("Is nothing landing in {source}?"),
+                    answer: landing.0,
+                    detail: landing.1,
+                },
+            ]
+        }
+    }
+}
+
+/// A short age for people: `42s`, `12m`, `3h5m`.
+fn ago(seconds: f64) -> String {
+    let secs = seconds.max(0.0).round() as u64;
+    humantime::format_duration(Duration::from_secs(if secs >= 3600 { secs / 60 * 60 } else { secs })).to_string()
+}
+
+#[cfg(test)]
+mod assess_tests {
+    use super::*;
+    use std::path::Path;
+
+    const T_PREP: f64 = 1_749_888_000.0; // 2025-06-14T08:00:00Z
+    const T_SWITCH: f64 = 1_749_942_000.0; // 2025-06-14T23:00:00Z
+
+    /// The test night: preparation from 08:00Z, window 20:00Z-23:00Z, switched after.
+    fn night() -> Migration {
+        crate::probe::parse(
+            Path::new("c.yaml"),
+            "environments:\n  old: {addresses: [127.0.0.10]}\n  new: {addresses: [127.0.0.20]}\n  live: {resolver: system}\nchecks: []\nmigration:\n  phases:\n    - {name: preparation, start: 2025-06-14T08:00:00Z}\n    - {name: window, start: 2025-06-14T22:00:00+02:00, end: 2025-06-15T01:00:00+02:00}\n    - {name: switched, start: 2025-06-15T01:00:00+02:00}\n",
+        )
+        .unwrap()
+        .migration
+    }
+
+    fn obs(check: &str, env: &str, ok: Option<bool>, resolved: Option<&str>) -> Observation {
+        Observation {
+            check: check.into(),
+            kind: Kind::Http,
+            env: env.into(),
+            address: "a".into(),
+            is_env: true,
+            live: env == "live",
+            ok,
+            reason: (ok == Some(false)).then_some("refused"),
+            resolved_env: resolved.map(str::to_string),
+            judges: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn before_the_window_new_must_be_ready_after_the_switch_live_must_be_new() {
+        let m = night();
+        let seen = vec![
+            obs("webmail", "old", Some(true), None),
+            obs("webmail", "new", Some(false), None),
+            obs("webmail", "live", Some(true), Some("old")),
+        ];
+        let prep = verdicts(&m, &m.current(None, T_PREP), &seen, &MailEvidence::Unconfigured, T_PREP);
+        assert_eq!(prep.len(), 1);
+        assert_eq!(
+            (prep[0].question.as_str(), prep[0].answer),
+            ("Is new ready?", Answer::No)
+        );
+        assert!(prep[0].detail.contains("webmail a (refused)"), "{}", prep[0].detail);
+        let mail = MailEvidence::Ledger {
+            last_delivered: BTreeMap::from([("new".into(), T_SWITCH + 50.0), ("old".into(), T_SWITCH + 10.0)]),
+            fresh_within: 180.0,
+        };
+        let after = verdicts(&m, &m.current(None, T_SWITCH + 60.0), &seen, &mail, T_SWITCH + 60.0);
+        let answers: Vec<(&str, Answer)> = after.iter().map(|v| (v.question.as_str(), v.answer)).collect();
+        assert_eq!(
+            answers,
+            [
+                ("Is live = new?", Answer::No),
+                ("Is new serving?", Answer::No),
+                ("Is mail flowing into new?", Answer::Yes),
+                ("Is nothing landing in old?", Answer::No),
+            ]
+        );
+        assert!(
+            verdicts(
+                &Migration::default(),
+                &Migration::default().current(None, 0.0),
+                &seen,
+                &mail,
+                0.0
+            )
+            .is_empty()
+        );
+    }
 }
 
 #[cfg(test)]

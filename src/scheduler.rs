@@ -17,11 +17,14 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, EnvKind, KindSpec, LoadedCheck, ResolverAddr};
+use crate::config::{EnvKind, Kind, KindSpec, ResolverAddr};
 use crate::ledger::Ledger;
-use crate::metrics::{Extra, Instance, Metrics};
-use crate::probe::hosted_domains::{AuditReport, Change, changes};
-use crate::probe::{BackgroundContext, Failure, FailureReason, InPhase, Outcome, Run};
+use crate::metrics::{Instance, Metrics};
+use crate::probe::hosted_domains::{AuditReport, Change, Direction, changes};
+use crate::probe::{BackgroundContext, Config, Failure, FailureReason, InPhase, Measurement, Outcome, Probe, Run};
+
+/// A check with its built probe.
+pub type LoadedCheck = crate::config::LoadedCheck<Arc<dyn Probe>>;
 use crate::resolve;
 
 /// Where an instance connects.
@@ -58,7 +61,7 @@ pub fn instances(config: &Config) -> Vec<InstanceSpec> {
                 out.push(InstanceSpec {
                     inst: Instance {
                         check: check.name.clone(),
-                        kind: check.kind.name(),
+                        kind: check.kind.kind(),
                         env: name,
                         address: ip.to_string(),
                     },
@@ -77,7 +80,7 @@ pub fn instances(config: &Config) -> Vec<InstanceSpec> {
                 out.push(InstanceSpec {
                     inst: Instance {
                         check: check.name.clone(),
-                        kind: check.kind.name(),
+                        kind: check.kind.kind(),
                         env: env.name.clone(),
                         address,
                     },
@@ -145,7 +148,7 @@ async fn run_admitted(spec: &InstanceSpec, config: &Config) -> Outcome {
         duration: start.elapsed(),
         phases: run.phases().to_vec(),
         cert: run.cert.take(),
-        extras: std::mem::take(&mut run.extras),
+        measurements: std::mem::take(&mut run.measurements),
         resolved,
         started_at,
     }
@@ -239,8 +242,8 @@ impl Shared {
     /// Publishes an outcome and logs it if the instance's state changed.
     pub fn publish(&self, inst: &Instance, outcome: Outcome) {
         self.metrics.record(inst, &outcome);
-        for extra in &outcome.extras {
-            if let Extra::HostedDomains(report) = extra {
+        for m in &outcome.measurements {
+            if let Measurement::HostedDomains(report) = m {
                 self.keep_audit(&inst.check, report.clone());
             }
         }
@@ -314,15 +317,15 @@ impl Shared {
                     let before = c.before.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(",");
                     let after = c.after.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(",");
                     match c.direction {
-                        "regressed" => {
+                        Direction::Regressed => {
                             tracing::warn!(check, domain = %c.domain, before, after, "hosted domain regressed")
                         }
                         direction => {
-                            tracing::info!(check, domain = %c.domain, before, after, "hosted domain {direction}")
+                            tracing::info!(check, domain = %c.domain, before, after, "hosted domain {}", direction.as_str())
                         }
                     }
                 }
-                for direction in ["fixed", "regressed", "changed"] {
+                for direction in Direction::ALL {
                     let n = changed.iter().filter(|c| c.direction == direction).count() as u64;
                     self.metrics.hosted_domain_changes(check, direction, n);
                 }
@@ -370,12 +373,12 @@ fn log_change(inst: &Instance, before: Option<&Outcome>, now: &Outcome) {
     let was = before.map_or("unknown", |b| if b.success() { "up" } else { "down" });
     match &now.result {
         Ok(()) => tracing::info!(
-            check = %inst.check, kind = inst.kind, env = %inst.env, address = %inst.address,
+            check = %inst.check, kind = inst.kind.as_str(), env = %inst.env, address = %inst.address,
             was, state = "up", duration_seconds = now.duration.as_secs_f64(),
             "check instance is up"
         ),
         Err(f) => tracing::warn!(
-            check = %inst.check, kind = inst.kind, env = %inst.env, address = %inst.address,
+            check = %inst.check, kind = inst.kind.as_str(), env = %inst.env, address = %inst.address,
             was, state = "down", reason = f.reason.as_str(), phase = f.phase.unwrap_or("-"),
             detail = %f.detail,
             "check instance is down"
@@ -424,7 +427,7 @@ impl Scheduler {
             .iter()
             .any(|c| matches!(c.check.kind, KindSpec::Mailflow(_)));
         if let (true, None, Some(dir)) = (needs_ledger, &self.background, &self.storage) {
-            let ledger = Ledger::open(dir, self.shared.metrics.mail())
+            let ledger = Ledger::open(dir, Arc::new(self.shared.metrics.mail()))
                 .map_err(|e| format!("--storage.path {}: {e}", dir.display()))?;
             tracing::info!(ledger = ledger.location(), instance = %ledger.identity.instance, "mail ledger opened");
             self.background = Some(BackgroundContext {
@@ -487,7 +490,7 @@ impl Scheduler {
         self.shared.audits.lock().expect("audits lock").retain(|check, _| {
             specs
                 .iter()
-                .any(|s| &s.inst.check == check && s.inst.kind == "hosted_domains")
+                .any(|s| &s.inst.check == check && s.inst.kind == Kind::HostedDomains)
         });
         for task in self.background_tasks.drain(..) {
             task.abort();
@@ -588,7 +591,7 @@ mod tests {
     async fn a_panicking_probe_fails_its_run_and_the_instance_lives_on() {
         let text =
             "environments: {old: {addresses: [127.0.0.1]}}\nchecks: [{name: p, kind: tcp, host: a.test, port: 1}]\n";
-        let mut config = crate::config::parse(std::path::Path::new("c.yaml"), text).unwrap();
+        let mut config = crate::probe::parse(std::path::Path::new("c.yaml"), text).unwrap();
         config.checks[0].probe = Arc::new(Panics);
         let spec = instances(&config).remove(0);
         for _ in 0..2 {
@@ -607,7 +610,7 @@ mod tests {
     fn offsets_are_stable_and_within_the_interval() {
         let inst = |n: u32| Instance {
             check: format!("c{n}"),
-            kind: "tcp",
+            kind: crate::config::Kind::Tcp,
             env: "old".into(),
             address: "127.0.0.10".into(),
         };

@@ -25,9 +25,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::probe::sanitize;
+use crate::probe::{Config, sanitize};
 use crate::scheduler::{self, Shared};
 use crate::web_config::{Authenticator, WebConfig};
 
@@ -149,9 +148,7 @@ async fn index() -> Html<&'static str> {
 /// The status page's data (phase, go/no-go, matrix, DNS, mail, certificates).
 async fn status(State(state): State<AppState>) -> Response {
     let config = state.config.read().expect("config lock").clone();
-    let current = state
-        .phase
-        .publish(&config.migration, &state.shared.metrics.migration());
+    let current = publish_phase(&state, &config);
     axum::Json(crate::status::snapshot(&state.shared, &config, current)).into_response()
 }
 
@@ -288,12 +285,15 @@ async fn clear_phase(State(state): State<AppState>, headers: axum::http::HeaderM
 
 fn phase_answer(state: &AppState) -> Response {
     let config = state.config.read().expect("config lock").clone();
-    axum::Json(
-        state
-            .phase
-            .publish(&config.migration, &state.shared.metrics.migration()),
-    )
-    .into_response()
+    axum::Json(publish_phase(state, &config)).into_response()
+}
+
+/// The phase in force, written to the phase series at once (a change by hand
+/// shows on `/metrics` before the daemon's next tick).
+fn publish_phase(state: &AppState, config: &Config) -> crate::migration::Current {
+    let current = state.phase.publish(&config.migration);
+    state.shared.metrics.migration().show(&current);
+    current
 }
 
 /// Refuses a state change a browser sent on behalf of another site's page

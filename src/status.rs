@@ -9,14 +9,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use prometheus::proto::{MetricFamily, MetricType};
 use regex::{Regex, RegexBuilder};
 use serde::Serialize;
 
-use crate::config::{Config, EnvKind, KindSpec};
+use crate::config::{EnvKind, Kind, KindSpec};
 use crate::metrics::Instance;
-use crate::migration::{self, Current, MailEvidence, PhaseWindow, Verdict};
-use crate::report;
+use crate::migration::{Current, PhaseWindow};
+use crate::probe::Config;
+use crate::probe::hosted_domains::Direction;
+use crate::report::{self, MailEvidence, Verdict, assess};
 use crate::scheduler::{self, LastState, Shared};
 
 /// The page: one self-contained HTML file (inline CSS and JS, no external
@@ -100,7 +101,7 @@ pub struct MatrixRow {
     /// Check name.
     pub check: String,
     /// Probe kind.
-    pub kind: &'static str,
+    pub kind: Kind,
     /// Its instances in schedule order.
     pub cells: Vec<Cell>,
 }
@@ -165,7 +166,7 @@ pub struct DnsAnswerView {
     pub asked_at: f64,
 }
 
-/// The mail ledger's summary, read from the `cutover_mail_*` series.
+/// The mail ledger's summary, from the mail series' typed totals.
 #[derive(Debug, Serialize)]
 pub struct MailView {
     /// Whether any `mailflow` check is configured (or mail series exist).
@@ -175,33 +176,7 @@ pub struct MailView {
 }
 
 /// One mailflow route's counts.
-#[derive(Debug, Default, Serialize)]
-pub struct MailRoute {
-    /// Check name.
-    pub check: String,
-    /// The environment that sent.
-    pub route: String,
-    /// Mails the server accepted.
-    pub sent: f64,
-    /// Mails that could not be sent.
-    pub send_failures: f64,
-    /// Delivered, by the environment they landed in.
-    pub delivered: BTreeMap<String, f64>,
-    /// Not found within `late_after`.
-    pub late: f64,
-    /// Not found within `lost_after`.
-    pub lost: f64,
-    /// Extra copies.
-    pub duplicates: f64,
-    /// Sent and neither delivered nor lost yet.
-    pub in_flight: f64,
-    /// Age of the oldest of those, seconds.
-    pub oldest_in_flight_age_seconds: f64,
-    /// When a mail last became visible, by environment, Unix seconds.
-    pub last_delivered: BTreeMap<String, f64>,
-    /// Mean delivery latency, seconds.
-    pub mean_delivery_seconds: Option<f64>,
-}
+pub use crate::metrics::RouteTotals as MailRoute;
 
 /// One certificate as an environment presents it, with the checks that saw it:
 /// an environment usually has one certificate for every service.
@@ -236,7 +211,6 @@ pub fn snapshot(shared: &Shared, config: &Config, current: Current) -> Status {
             .filter_map(|s| all.get(&s.inst).map(|l| (s.inst.clone(), l.clone())))
             .collect()
     };
-    let families = shared.metrics.gather();
     let redact = Redactor::new(&config.usernames);
 
     let mut matrix: Vec<MatrixRow> = Vec::new();
@@ -272,23 +246,17 @@ pub fn snapshot(shared: &Shared, config: &Config, current: Current) -> Status {
         }
     }
 
-    let observations: Vec<_> = specs
+    let instances: Vec<_> = specs
         .iter()
-        .map(|s| migration::observe(config, &s.inst, last.get(&s.inst).map(|l| &l.outcome)))
+        .map(|s| (s, last.get(&s.inst).map(|l| &l.outcome)))
         .collect();
-    let mail = mail_view(config, &families);
-    let verdicts = migration::verdicts(
-        &config.migration,
-        &current,
-        &observations,
-        &mail_evidence(config, &mail),
-        now,
-    );
+    let mail = mail_view(config, shared.metrics.mail().routes());
+    let verdicts = assess(config, &current, &instances, &mail_evidence(config, &mail), now);
 
     Status {
         generated_at: now,
         version: env!("CARGO_PKG_VERSION"),
-        config_reload_ok: gauge(&families, "cutover_config_last_reload_successful").map(|v| v == 1.0),
+        config_reload_ok: Some(shared.metrics.config_reload_ok()),
         phase: PhaseView {
             current,
             phases: config.migration.phases.clone(),
@@ -329,8 +297,8 @@ pub fn snapshot(shared: &Shared, config: &Config, current: Current) -> Status {
                         })
                         .count(),
                     finished_at: a.report.started_at + a.report.duration_seconds,
-                    fixed: a.changes.iter().filter(|c| c.direction == "fixed").count(),
-                    regressed: a.changes.iter().filter(|c| c.direction == "regressed").count(),
+                    fixed: a.changes.iter().filter(|c| c.direction == Direction::Fixed).count(),
+                    regressed: a.changes.iter().filter(|c| c.direction == Direction::Regressed).count(),
                 })
                 .collect();
             views.sort_by(|a, b| a.check.cmp(&b.check));
@@ -341,9 +309,9 @@ pub fn snapshot(shared: &Shared, config: &Config, current: Current) -> Status {
 
 fn dns_view(specs: &[scheduler::InstanceSpec], last: &HashMap<Instance, LastState>) -> Vec<DnsRecordView> {
     let mut out: Vec<DnsRecordView> = Vec::new();
-    for spec in specs.iter().filter(|s| s.inst.kind == "dns") {
+    for spec in specs.iter().filter(|s| s.inst.kind == Kind::Dns) {
         let Some(state) = last.get(&spec.inst) else { continue };
-        for row in report::dns_rows(&state.outcome.extras) {
+        for row in report::dns_rows(&state.outcome.measurements) {
             let answer = DnsAnswerView {
                 resolver: spec.inst.env.clone(),
                 state: row.state,
@@ -426,58 +394,8 @@ fn cert_view(specs: &[scheduler::InstanceSpec], last: &HashMap<Instance, LastSta
     out.into_iter().map(|(_, v)| v).collect()
 }
 
-/// The `cutover_mail_*` series, summed per check and route.
-fn mail_view(config: &Config, families: &[MetricFamily]) -> MailView {
-    let mut routes: Vec<MailRoute> = Vec::new();
-    for family in families.iter().filter(|f| f.name().starts_with("cutover_mail_")) {
-        for m in family.get_metric() {
-            let label = |name: &str| {
-                m.get_label()
-                    .iter()
-                    .find(|l| l.name() == name)
-                    .map(|l| l.value().to_string())
-                    .unwrap_or_default()
-            };
-            let (check, route) = (label("check"), label("route"));
-            let r = match routes.iter_mut().find(|r| r.check == check && r.route == route) {
-                Some(r) => r,
-                None => {
-                    routes.push(MailRoute {
-                        check,
-                        route,
-                        ..MailRoute::default()
-                    });
-                    routes.last_mut().expect("just pushed")
-                }
-            };
-            let value = match family.get_field_type() {
-                MetricType::COUNTER => m.get_counter().get_value(),
-                MetricType::GAUGE => m.get_gauge().get_value(),
-                _ => 0.0,
-            };
-            match family.name() {
-                "cutover_mail_sent_total" => r.sent += value,
-                "cutover_mail_send_failures_total" => r.send_failures += value,
-                "cutover_mail_delivered_total" => *r.delivered.entry(label("delivered_env")).or_default() += value,
-                "cutover_mail_late_total" => r.late += value,
-                "cutover_mail_lost_total" => r.lost += value,
-                "cutover_mail_duplicates_total" => r.duplicates += value,
-                "cutover_mail_in_flight" => r.in_flight += value,
-                "cutover_mail_oldest_in_flight_age_seconds" => {
-                    r.oldest_in_flight_age_seconds = r.oldest_in_flight_age_seconds.max(value)
-                }
-                "cutover_mail_last_delivered_timestamp_seconds" => {
-                    r.last_delivered.insert(label("delivered_env"), value);
-                }
-                "cutover_mail_delivery_seconds" => {
-                    let h = m.get_histogram();
-                    r.mean_delivery_seconds =
-                        (h.get_sample_count() > 0).then(|| h.get_sample_sum() / h.get_sample_count() as f64);
-                }
-                _ => {}
-            }
-        }
-    }
+/// The mail series' totals per check and route, as the ledger published them.
+fn mail_view(config: &Config, routes: Vec<MailRoute>) -> MailView {
     let configured = config
         .checks
         .iter()
@@ -510,14 +428,6 @@ fn mail_evidence(config: &Config, mail: &MailView) -> MailEvidence {
         last_delivered,
         fresh_within: 3.0 * slowest,
     }
-}
-
-fn gauge(families: &[MetricFamily], name: &str) -> Option<f64> {
-    families
-        .iter()
-        .find(|f| f.name() == name)
-        .and_then(|f| f.get_metric().first())
-        .map(|m| m.get_gauge().get_value())
 }
 
 /// Blanks credential usernames and mail addresses out of server-supplied text.

@@ -439,7 +439,7 @@ fn promtool_finds_the_exposition_clean() {
         .replace("timeout: 5s", "timeout: 1500ms")
         + closed;
     let d = Daemon::start(&yaml);
-    let config = cutover_monitor::config::load(&common::root().join("checks/lab.yaml")).unwrap();
+    let config = cutover_monitor::probe::load(&common::root().join("checks/lab.yaml")).unwrap();
     let every_instance_ran = |s: &common::Scrape| {
         let instances = s.get("cutover_check_instances", &[]).unwrap_or(0.0);
         let ran = s.series("cutover_probe_runs_total").len() as f64;

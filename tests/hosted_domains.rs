@@ -608,7 +608,7 @@ fn bad_domains_files_get_clear_messages_and_bounded_memory() {
     assert!(out.contains("OK, 1 checks"), "{out}");
     // The audit's own summary names the skipped lines with file:line.
     let probe = {
-        let config = cutover_monitor::config::load(&config).unwrap();
+        let config = cutover_monitor::probe::load(&config).unwrap();
         match &config.checks[0].check.kind {
             cutover_monitor::config::KindSpec::HostedDomains(spec) => {
                 cutover_monitor::probe::hosted_domains::read_domains(&spec.domains_path).unwrap()

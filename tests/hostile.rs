@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{Daemon, Scrape, lab};
 use cutover_monitor::probe::{FailureReason, Outcome};
-use cutover_monitor::{config, scheduler};
+use cutover_monitor::{probe, scheduler};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -110,7 +110,7 @@ async fn serve_when(fault: Fault, after_request: bool) -> u16 {
 }
 
 /// The config around some checks: one environment at 127.0.0.1.
-fn config(checks: &str) -> (tempfile::TempDir, config::Config) {
+fn config(checks: &str) -> (tempfile::TempDir, probe::Config) {
     let dir = tempfile::tempdir().unwrap();
     let password = dir.path().join("password");
     std::fs::write(&password, "Hostile-Test-Password").unwrap();
@@ -119,7 +119,7 @@ fn config(checks: &str) -> (tempfile::TempDir, config::Config) {
         TIMEOUT.as_millis(),
         password.display()
     );
-    let config = config::parse(Path::new("hostile.yaml"), &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let config = probe::parse(Path::new("hostile.yaml"), &yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
     (dir, config)
 }
 

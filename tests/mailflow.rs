@@ -390,7 +390,7 @@ fn kill_9_at_random_points_loses_and_double_counts_nothing() {
     // a crash leaves a mail whose reply was never recorded.
     let inst = cutover_monitor::metrics::Instance {
         check: "flow".into(),
-        kind: "mailflow",
+        kind: cutover_monitor::config::Kind::Mailflow,
         env: "new".into(),
         address: "127.0.0.20".into(),
     };

@@ -15,7 +15,7 @@ use cutover_monitor::probe::dns::classify_wire;
 use cutover_monitor::probe::imap::{Bounded, MAX_SESSION_BYTES};
 use cutover_monitor::probe::mailflow::{marker, verify};
 use cutover_monitor::probe::smtp::{self, MAX_REPLY_LINES};
-use cutover_monitor::{config, web_config};
+use cutover_monitor::web_config;
 use hickory_resolver::proto::rr::RecordType;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -62,7 +62,7 @@ pub fn check_file(data: &[u8]) {
     if names_a_device(text) {
         return;
     }
-    if let Err(errors) = config::parse(nowhere(), text) {
+    if let Err(errors) = cutover_monitor::probe::parse(nowhere(), text) {
         assert!(!errors.0.is_empty(), "an error result without errors");
         let _ = errors.to_string();
     }

@@ -19,10 +19,47 @@ use futures::future::BoxFuture;
 use hickory_resolver::proto::op::{Message, ResponseCode};
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
 
-use super::{Failure, FailureReason, FieldError, InPhase, Probe, Run};
+use super::{Failure, FailureReason, FieldError, InPhase, Measurement, Probe, Run};
 use crate::config::{Check, DnsRecordSpec, DnsRecordType, DnsSpec, EnvKind};
-use crate::metrics::Extra;
 use crate::resolve::{self, QueryError, Transport};
+
+/// What a DNS run measured for each record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Measured {
+    /// One resolver's answer for one record.
+    Answer {
+        /// The record's name as configured.
+        record: String,
+        /// Its type, e.g. `A`.
+        rtype: &'static str,
+        /// The resolver's name.
+        resolver: String,
+        /// How the answer compares with the expected sets.
+        state: AnswerState,
+        /// Lowest TTL in the answer; none without an answer.
+        ttl: Option<u32>,
+        /// Query duration in seconds.
+        seconds: f64,
+        /// Whether the UDP answer was truncated and the query repeated over TCP.
+        tcp: bool,
+        /// Whether the state differs from the resolver's previous one.
+        changed: bool,
+    },
+    /// A record's summary across the check's resolvers: every instance of the
+    /// check reports it, the latest run wins.
+    Summary {
+        /// The record's name as configured.
+        record: String,
+        /// Its type.
+        rtype: &'static str,
+        /// Resolvers asked so far.
+        resolvers: usize,
+        /// Of which answering `new`.
+        answering_new: usize,
+        /// When every resolver still answering old will have expired it, when known.
+        deadline: Option<f64>,
+    },
+}
 
 /// Time a query leaves to the check's timeout, so a silent resolver is
 /// published as `timeout` by the probe itself, not cut off by the scheduler.
@@ -247,6 +284,15 @@ impl Probe for DnsProbe {
         Some(self.resolvers.clone())
     }
 
+    /// A record without an answer (NXDOMAIN, SERVFAIL, silence) fails the
+    /// check; when the check names new's values, new is not ready without it.
+    fn judges(&self) -> Vec<String> {
+        match self.records.iter().any(|r| !r.new.is_empty()) {
+            true => vec!["new".to_string()],
+            false => Vec::new(),
+        }
+    }
+
     fn run<'a>(&'a self, ip: IpAddr, run: &'a mut Run) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
             let Some((resolver, _)) = self.resolvers.iter().find(|(_, a)| *a == ip) else {
@@ -263,7 +309,7 @@ impl Probe for DnsProbe {
             for (i, (record, answer)) in self.records.iter().zip(&answers).enumerate() {
                 let entry = seen.entry((i, resolver.clone())).or_default();
                 let changed = entry.observe(answer.state, answer.ttl, answer.at);
-                run.extras.push(Extra::DnsAnswer {
+                run.measurements.push(Measurement::Dns(Measured::Answer {
                     record: record.label.clone(),
                     rtype: type_label(record.rtype),
                     resolver: resolver.clone(),
@@ -272,7 +318,7 @@ impl Probe for DnsProbe {
                     seconds: answer.took.as_secs_f64(),
                     tcp: answer.tcp,
                     changed,
-                });
+                }));
             }
             for (i, record) in self.records.iter().enumerate() {
                 let states = self
@@ -280,13 +326,13 @@ impl Probe for DnsProbe {
                     .iter()
                     .filter_map(|(name, _)| seen.get(&(i, name.clone())));
                 let (resolvers, answering_new, deadline) = summarize(states);
-                run.extras.push(Extra::DnsSummary {
+                run.measurements.push(Measurement::Dns(Measured::Summary {
                     record: record.label.clone(),
                     rtype: type_label(record.rtype),
                     resolvers,
                     answering_new,
                     deadline,
-                });
+                }));
             }
             drop(seen);
 
@@ -650,7 +696,7 @@ mod tests {
         let text = format!(
             "environments:\n  old: {{addresses: [127.0.0.10]}}\n  new: {{addresses: [127.0.0.20]}}\nchecks:\n{checks}"
         );
-        match crate::config::parse(std::path::Path::new("c.yaml"), &text) {
+        match crate::probe::parse(std::path::Path::new("c.yaml"), &text) {
             Ok(_) => Vec::new(),
             Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
         }
@@ -659,7 +705,7 @@ mod tests {
     #[test]
     fn a_dns_check_runs_per_resolver_and_refuses_envs_and_bad_values() {
         let ok = "  - name: d\n    kind: dns\n    resolvers: {a: 127.0.0.30, b: 127.0.0.31}\n    records:\n      - {name: imap.example.test, type: A, expect_env_addresses: true}\n";
-        let config = crate::config::parse(
+        let config = crate::probe::parse(
             std::path::Path::new("c.yaml"),
             &format!(
                 "environments:\n  old: {{addresses: [127.0.0.10]}}\n  new: {{addresses: [127.0.0.20]}}\nchecks:\n{ok}"

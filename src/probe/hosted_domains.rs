@@ -37,10 +37,9 @@ use mail_auth::spf::{Macro, Mechanism, Qualifier, Spf};
 use mail_auth::{MessageAuthenticator, Parameters, SpfResult};
 use serde::{Deserialize, Serialize};
 
-use super::{Failure, FailureReason, FieldError, Probe, Run};
+use super::{Failure, FailureReason, FieldError, Measurement, Probe, Run};
 use crate::config::{Check, EnvKind, HostedDomainsSpec};
 use crate::lookup::{Answer, Lookups, QueryResult, ResolverCounts};
-use crate::metrics::Extra;
 use crate::resolve::normalize;
 
 /// Largest domains file read (a million domains fit in far less).
@@ -192,13 +191,39 @@ impl AuditReport {
     }
 }
 
+/// Which way a domain's findings moved between two audits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// To `ok`.
+    Fixed,
+    /// From `ok` to a problem.
+    Regressed,
+    /// From one problem to another.
+    Changed,
+}
+
+impl Direction {
+    /// Every direction, for counters that start at 0.
+    pub const ALL: [Direction; 3] = [Self::Fixed, Self::Regressed, Self::Changed];
+
+    /// The label value and the API's and the log's word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fixed => "fixed",
+            Self::Regressed => "regressed",
+            Self::Changed => "changed",
+        }
+    }
+}
+
 /// A domain whose findings differ from the previous audit's: the change log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Change {
     /// The domain.
     pub domain: String,
-    /// `fixed` (now ok), `regressed` (was ok) or `changed` (between problems).
-    pub direction: &'static str,
+    /// Fixed, regressed or changed.
+    pub direction: Direction,
     /// Findings before.
     pub before: Vec<Finding>,
     /// Findings now.
@@ -225,11 +250,11 @@ pub fn changes(before: &AuditReport, now: &AuditReport) -> Vec<Change> {
             }
             let ok = |f: &[Finding]| f == [Finding::Ok];
             let direction = if ok(&row.findings) {
-                "fixed"
+                Direction::Fixed
             } else if ok(was) {
-                "regressed"
+                Direction::Regressed
             } else {
-                "changed"
+                Direction::Changed
             };
             Some(Change {
                 domain: row.domain.clone(),
@@ -932,7 +957,7 @@ impl Probe for HostedDomainsProbe {
             }
             let progress = Progress::default();
             let report = run.phase("audit", self.audit(&progress)).await?;
-            run.extras.push(Extra::HostedDomains(Arc::new(report)));
+            run.measurements.push(Measurement::HostedDomains(Arc::new(report)));
             Ok(())
         })
     }

@@ -24,9 +24,18 @@ use rustls::RootCertStore;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::{Failure, FailureReason, FieldError, InPhase, Probe, Run, tls};
+use super::{Failure, FailureReason, FieldError, InPhase, Measurement, Probe, Run, tls};
 use crate::config::{Check, Credential, Credentials, ImapAuth, ImapSpec, ImapTls};
-use crate::metrics::Extra;
+
+/// What an IMAP run measured: the size of the mailbox it examined, which a
+/// data move must not shrink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    /// The examined mailbox.
+    pub mailbox: String,
+    /// Its message count (EXISTS).
+    pub messages: u64,
+}
 
 /// The most a server may send in one session (counted again after STARTTLS).
 /// A probe session is a few KiB; this stops a hostile or broken server from
@@ -431,10 +440,10 @@ impl ImapProbe {
             .map_err(|e| self.imap_failure(e, Step::Select))
             .in_phase("select")?;
         let messages = u64::from(mailbox.exists);
-        run.extras.push(Extra::ImapMailboxMessages {
+        run.measurements.push(Measurement::Imap(Measured {
             mailbox: self.mailbox.clone(),
             messages,
-        });
+        }));
         if let Some(min) = self.min_messages {
             if messages < min {
                 return Err(self.fail(
@@ -835,7 +844,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("pw"), "hunter2\n").unwrap();
         let text = "environments:\n  old: {addresses: [127.0.0.10]}\ncredentials:\n  probe: {username: u, password_file: pw}\nchecks:\n  - {name: a, kind: imap, host: imap.test, credentials: nope}\n  - {name: b, kind: imap, host: imap.test, credentials: probe, expect: {folders: [Entwürfe]}}\n  - {name: c, kind: imap, host: imap.test, credentials: probe, tls: none, mailbox: Archive, auth: plain}\n";
-        let errors = crate::config::parse(&dir.join("c.yaml"), text)
+        let errors = crate::probe::parse(&dir.join("c.yaml"), text)
             .err()
             .unwrap()
             .to_string();

@@ -34,10 +34,51 @@ use mail_auth::spf::Spf;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{DnsError, MessageAuthenticator, Parameters, ResolverCache, SpfResult, Txt};
 
-use super::{Failure, FailureReason, FieldError, InPhase, Probe, Run};
+use super::{Failure, FailureReason, FieldError, InPhase, Measurement, Probe, Run};
 use crate::config::{Check, EnvKind, MailAuthSpec, ResolverAddr};
-use crate::metrics::Extra;
 use crate::resolve::{self, QueryError};
+
+/// What a `mail_auth` run measured about the outbound side, labelled by the
+/// outbound environment and address rather than the instance's.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Measured {
+    /// The SPF verdict of `domain`'s policy for one outbound address.
+    Spf {
+        /// The domain whose policy was evaluated.
+        domain: String,
+        /// The outbound environment.
+        env: String,
+        /// Its address.
+        address: String,
+        /// The verdict.
+        result: SpfVerdict,
+    },
+    /// The outbound address's PTR name resolves back to it (FCrDNS).
+    Ptr {
+        /// The outbound environment.
+        env: String,
+        /// Its address.
+        address: String,
+        /// Forward-confirmed.
+        ok: bool,
+    },
+    /// The DKIM key record of a selector exists and parses.
+    Dkim {
+        /// The signing domain.
+        domain: String,
+        /// The selector.
+        selector: String,
+        /// Exists and parses.
+        ok: bool,
+    },
+    /// `_dmarc.<domain>` exists and parses.
+    Dmarc {
+        /// The domain.
+        domain: String,
+        /// Exists and parses.
+        ok: bool,
+    },
+}
 
 /// Time a query leaves to the check's timeout, so a silent resolver is
 /// reported by the probe itself, with its metrics, not cut off by the scheduler.
@@ -313,6 +354,10 @@ impl Probe for MailAuthProbe {
         &self.domain
     }
 
+    fn judges(&self) -> Vec<String> {
+        self.require_pass.clone()
+    }
+
     fn own_targets(&self) -> Option<Vec<(String, IpAddr)>> {
         Some(vec![("resolver".to_string(), self.server.ip())])
     }
@@ -346,23 +391,23 @@ impl Probe for MailAuthProbe {
             };
             let (spf_reply, dkim_ok, dmarc_ok, ptr_ok) = run.phase("lookup", lookups).await;
             for ((env, ip), ok) in addresses.iter().zip(ptr_ok) {
-                run.extras.push(Extra::PtrOk {
+                run.measurements.push(Measurement::MailAuth(Measured::Ptr {
                     env: env.to_string(),
                     address: ip.to_string(),
                     ok,
-                });
+                }));
             }
             if let (Some(selector), Some(ok)) = (&self.dkim_selector, dkim_ok) {
-                run.extras.push(Extra::DkimRecordOk {
+                run.measurements.push(Measurement::MailAuth(Measured::Dkim {
                     domain: self.domain.clone(),
                     selector: selector.clone(),
                     ok,
-                });
+                }));
             }
-            run.extras.push(Extra::DmarcRecordOk {
+            run.measurements.push(Measurement::MailAuth(Measured::Dmarc {
                 domain: self.domain.clone(),
                 ok: dmarc_ok,
-            });
+            }));
 
             // The crate reads the domain's own record from us, the rest itself.
             let txt = TxtCache::default();
@@ -382,12 +427,12 @@ impl Probe for MailAuthProbe {
                 if result != SpfVerdict::Pass && self.require_pass.iter().any(|r| r == env) {
                     misses.push(format!("{env} {ip} gets {}", result.as_str()));
                 }
-                run.extras.push(Extra::SpfResult {
+                run.measurements.push(Measurement::MailAuth(Measured::Spf {
                     domain: self.domain.clone(),
                     env: env.to_string(),
                     address: ip.to_string(),
                     result,
-                });
+                }));
             }
 
             let problems = std::mem::take(&mut *problems.lock().expect("problems lock"));

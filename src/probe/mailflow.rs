@@ -34,7 +34,6 @@ use super::smtp::{Outgoing, SmtpProbe};
 use super::{BackgroundContext, Failure, FailureReason, FieldError, Probe, Run};
 use crate::config::{Check, Credentials, ImapAuth, ImapExpect, ImapSpec, MailflowSpec, SmtpExpect, SmtpMode, SmtpSpec};
 use crate::ledger::{Ages, Found, Ledger, Sighting, random_hex};
-use crate::metrics::MailMetrics;
 
 /// The marker header.
 pub const MARKER: &str = "X-Cutover-Probe";
@@ -328,7 +327,7 @@ impl Inner {
     /// `check`: send one mail and wait for it in the watched mailboxes, with
     /// a throwaway ledger. The wait is phase `delivery`.
     async fn one_shot(&self, ip: IpAddr, run: &mut Run) -> Result<(), Failure> {
-        let ledger = Ledger::in_memory(MailMetrics::unregistered())
+        let ledger = Ledger::in_memory(Arc::new(crate::ledger::NoSink))
             .map_err(|e| Failure::new(FailureReason::Protocol, e.to_string()))?;
         let id = self.send_one(&ledger, ip, run).await?;
         let wait = async {
@@ -708,7 +707,7 @@ mod tests {
                 "environments:\n  old: {{addresses: [127.0.0.10]}}\n  live: {{resolver: 127.0.0.30}}\ncredentials:\n  probe: {{username: probe@example.test, password_file: {}}}\nchecks:\n  - {{name: f, kind: mailflow, {check}}}\n",
                 pw.display()
             );
-            match crate::config::parse(std::path::Path::new("c.yaml"), &text) {
+            match crate::probe::parse(std::path::Path::new("c.yaml"), &text) {
                 Ok(_) => String::new(),
                 Err(e) => e.to_string(),
             }

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 
-use crate::config::{Check, Credentials, KindSpec};
-use crate::metrics::Extra;
+pub use crate::config::FieldError;
+use crate::config::{Check, ConfigErrors, Credentials, KindSpec};
 
 /// One protocol's probe, built once per check from its validated spec.
 pub trait Probe: Send + Sync + 'static {
@@ -54,6 +54,14 @@ pub trait Probe: Send + Sync + 'static {
         false
     }
 
+    /// The environments whose readiness this check's result speaks for when
+    /// they are not its instances' own: `mail_auth` judges the environments
+    /// that must pass SPF, `dns` judges `new` when its records name new's
+    /// values. Go/no-go counts a failure against each of them.
+    fn judges(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Long-lived tasks a probe needs besides its runs (mailflow's mailbox
     /// watchers). The daemon spawns them when it applies a config and aborts
     /// them on reload and stop; `check` and `validate` never call this.
@@ -70,6 +78,38 @@ pub struct BackgroundContext {
     pub ledger: Arc<crate::ledger::Ledger>,
 }
 
+/// What one run measured beyond success, phases and the certificate, typed
+/// by the kind that measured it. Probes only describe; the metrics layer
+/// (`metrics/<kind>.rs`) decides which series each becomes, and `check` and
+/// the status page read the same values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Measurement {
+    /// The selected mailbox's size.
+    Imap(imap::Measured),
+    /// The last reply code of one SMTP step.
+    Smtp(smtp::Measured),
+    /// One resolver's answer for a record, or a record's summary across resolvers.
+    Dns(dns::Measured),
+    /// SPF, PTR, DKIM and DMARC facts of the outbound side.
+    MailAuth(mail_auth::Measured),
+    /// A finished customer-domain audit (counts to metrics, rows to the API).
+    HostedDomains(Arc<hosted_domains::AuditReport>),
+}
+
+/// A check file with every check's probe built: what the daemon and `check` run.
+pub type Config = crate::config::Config<Arc<dyn Probe>>;
+
+/// Reads a check file and builds each check's probe, reporting every problem
+/// (the spec's and the probes') at its position in the file.
+pub fn load(path: &std::path::Path) -> Result<Config, ConfigErrors> {
+    crate::config::load(path, &build)
+}
+
+/// [`load`] for text already read; `path` names it in messages.
+pub fn parse(path: &std::path::Path, text: &str) -> Result<Config, ConfigErrors> {
+    crate::config::parse(path, text, &build)
+}
+
 /// Builds the probe for a check. Errors name the field (relative to the check)
 /// and are reported with the check's position by the config loader.
 pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>, FieldError> {
@@ -83,25 +123,6 @@ pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>,
         KindSpec::Mailflow(spec) => Arc::new(mailflow::MailflowProbe::new(spec, check, credentials)?),
         KindSpec::HostedDomains(spec) => Arc::new(hosted_domains::HostedDomainsProbe::new(spec, check)?),
     })
-}
-
-/// A problem with one field of a check's spec, found while building its probe.
-#[derive(Debug, Clone)]
-pub struct FieldError {
-    /// Field path relative to the check, e.g. `url` or `expect.status`.
-    pub field: String,
-    /// What is wrong and what is expected instead.
-    pub message: String,
-}
-
-impl FieldError {
-    /// Shorthand used by probe constructors.
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        FieldError {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
 }
 
 /// Why a probe failed. A closed set: each value is a metric label value and an
@@ -292,8 +313,8 @@ pub struct Run {
     current: Option<(&'static str, Instant)>,
     /// Certificate facts from the last TLS handshake, if any.
     pub cert: Option<CertFacts>,
-    /// Protocol-specific measurements (see `metrics::Extra`).
-    pub extras: Vec<Extra>,
+    /// What the probe measured beyond success and phases.
+    pub measurements: Vec<Measurement>,
     /// The instance's environment name, set by the scheduler: mailflow labels
     /// its mails with it (`route`), which the address alone cannot tell for `live`.
     pub env: String,
@@ -342,8 +363,8 @@ pub struct Outcome {
     pub phases: Vec<(&'static str, Duration)>,
     /// Certificate facts, when a TLS handshake got as far as a certificate.
     pub cert: Option<CertFacts>,
-    /// Protocol-specific measurements.
-    pub extras: Vec<Extra>,
+    /// What the probe measured beyond success and phases.
+    pub measurements: Vec<Measurement>,
     /// For `live`: the address DNS handed out and the environment it belongs to.
     pub resolved: Option<(IpAddr, String)>,
     /// When the run started, Unix seconds.

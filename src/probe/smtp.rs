@@ -23,9 +23,18 @@ use regex::Regex;
 use rustls::RootCertStore;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-use super::{Failure, FailureReason, FieldError, InPhase, Probe, Run, tls};
+use super::{Failure, FailureReason, FieldError, InPhase, Measurement, Probe, Run, tls};
 use crate::config::{Check, Credential, Credentials, SmtpMode, SmtpSpec, SmtpTls};
-use crate::metrics::Extra;
+
+/// The last reply code a server gave at one step of an SMTP session, so a
+/// 4xx at RCPT reads differently from one at AUTH.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measured {
+    /// The step: banner, ehlo, starttls, auth, mail_from, rcpt_to, data, quit.
+    pub step: &'static str,
+    /// The reply code.
+    pub code: u16,
+}
 
 /// The EHLO name when the check sets none: a name that can never be a real host.
 pub const DEFAULT_HELO: &str = "cutover-monitor.invalid";
@@ -443,9 +452,9 @@ fn expect_match(pattern: &Option<Regex>, s: &Session, what: &str, reply: &Reply)
 /// Sets the step's last reply code, once per step even when it repeats (EHLO
 /// after STARTTLS, DATA's two replies).
 fn record(run: &mut Run, step: &'static str, code: u16) {
-    run.extras
-        .retain(|e| !matches!(e, Extra::SmtpLastReplyCode { step: s, .. } if *s == step));
-    run.extras.push(Extra::SmtpLastReplyCode { step, code });
+    run.measurements
+        .retain(|m| !matches!(m, Measurement::Smtp(Measured { step: s, .. }) if *s == step));
+    run.measurements.push(Measurement::Smtp(Measured { step, code }));
 }
 
 /// The fragments of `secret` that appear in any base64 text containing it, at
@@ -891,7 +900,7 @@ mod tests {
                 "environments:\n  old: {{addresses: [127.0.0.10]}}\ncredentials:\n  probe: {{username: probe@example.test, password_file: {}}}\nchecks:\n  - {{name: s, kind: smtp, host: smtp.test, {check}}}\n",
                 file.display()
             );
-            match crate::config::parse(std::path::Path::new("c.yaml"), &text) {
+            match crate::probe::parse(std::path::Path::new("c.yaml"), &text) {
                 Ok(_) => String::new(),
                 Err(e) => e.to_string(),
             }
