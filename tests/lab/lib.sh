@@ -406,7 +406,8 @@ webmail_db_mode() {
 DAV_LEGACY_PATH=/SOGo/dav
 
 # What ENV's nginx does with /.well-known/caldav|carddav: ok (301 to /),
-# missing (no redirect: Radicale answers 404), old-host (301 to dav-old).
+# missing (404 from nginx; Radicale 3.1.8 would itself 301 them to /, so nginx
+# must answer them), old-host (301 to https://dav-old.example.test/).
 dav_wellknown() { cat "$LAB/$1/radicale/wellknown" 2>/dev/null || echo ok; }
 
 # The nginx include of ENV's dav server: well-known redirects, and the legacy
@@ -426,6 +427,8 @@ write_dav_routes() {
     if [[ -n $target ]]; then
       printf 'location = /.well-known/caldav { return 301 %s; }\n' "$target"
       printf 'location = /.well-known/carddav { return 301 %s; }\n' "$target"
+    else
+      printf 'location ^~ /.well-known/ { return 404; }\n'
     fi
     if [[ $env == old ]]; then
       cat <<END
