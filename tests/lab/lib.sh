@@ -1,16 +1,24 @@
 # Shared functions for the cutover lab scripts (sourced, not run).
 # A service is named by a pair: ENV (old|new|dns) and SERVICE
-# (nginx|dovecot|postfix for old/new, nsd|unbound for dns).
+# (nginx|dovecot|postfix|php-fpm|radicale for old/new, nsd|unbound for dns).
 
 LAB=${CUTOVER_LAB_DIR:-/tmp/cutover-lab}
 LAB_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PASSWORD_FILE=$LAB/secrets/probe.password
 USERS=(probe@example.test other@example.test)
-NAMES=(webmail imap smtp mx autoconfig mail)
-ENV_SERVICES=(nginx dovecot postfix)
+NAMES=(webmail imap smtp mx autoconfig mail dav)
+# Names that always point at the old environment, whatever the DNS state
+# (`dav wellknown new old-host` redirects there).
+OLD_ONLY_NAMES=(dav-old)
+ENV_SERVICES=(nginx dovecot postfix php-fpm radicale)
 # Every lab server as "ENV SERVICE", in start order.
-ALL_SERVICES=("dns nsd" "dns unbound" "old nginx" "old dovecot" "old postfix"
-  "new nginx" "new dovecot" "new postfix")
+ALL_SERVICES=("dns nsd" "dns unbound"
+  "old nginx" "old dovecot" "old postfix" "old php-fpm" "old radicale"
+  "new nginx" "new dovecot" "new postfix" "new php-fpm" "new radicale")
+# Roundcube (Debian 12: 1.6.5) is served by each environment's nginx here, by
+# that environment's php-fpm pool (unix socket, no TCP port).
+ROUNDCUBE_PATH=/roundcube/
+RADICALE_PORT=5232
 
 die() { echo "lab: $*" >&2; exit 1; }
 
@@ -36,8 +44,20 @@ svc_ports() {
     dovecot) echo 143 993 ;;
     postfix) echo 25 465 587 ;;
     nsd | unbound) echo 53 ;;
-    *) die "unknown service '$1' (nginx|dovecot|postfix)" ;;
+    radicale) echo "$RADICALE_PORT" ;;
+    php-fpm) ;; # a unix socket: svc_socket
+    *) die "unknown service '$1' (nginx|dovecot|postfix|php-fpm|radicale)" ;;
   esac
+}
+
+# The unix socket a service answers on, if it has one instead of ports.
+svc_socket() { if [[ $2 == php-fpm ]]; then echo "$LAB/$1/php-fpm/php-fpm.sock"; fi; }
+
+# Where a service answers, for messages and tables.
+svc_endpoint() {
+  local sock
+  sock=$(svc_socket "$1" "$2")
+  if [[ -n $sock ]]; then echo "unix:$sock"; else echo "$(svc_addr "$1" "$2"):$(svc_ports "$2" | tr ' ' ,)"; fi
 }
 
 svc_pidfile() {
@@ -46,11 +66,19 @@ svc_pidfile() {
     dovecot) echo "$LAB/$1/dovecot/run/master.pid" ;;
     postfix) echo "$LAB/$1/spool/pid/master.pid" ;;
     nsd | unbound) echo "$LAB/dns/$2.pid" ;;
+    php-fpm) echo "$LAB/$1/php-fpm/php-fpm.pid" ;;
+    radicale) echo "$LAB/$1/radicale/radicale.pid" ;;
   esac
 }
 
 # Name of the service's main process, so a stale pid file never hits a stranger.
-svc_comm() { if [[ $1 == postfix ]]; then echo master; else echo "$1"; fi; }
+svc_comm() {
+  case $1 in
+    postfix) echo master ;;
+    php-fpm) echo php-fpm8.2 ;;
+    *) echo "$1" ;;
+  esac
+}
 
 svc_log() { echo "$LAB/log/$1-$2.log"; }
 
@@ -83,6 +111,33 @@ wait_until() {
 
 tcp_open() { timeout 1 bash -c ": >/dev/tcp/$1/$2" 2>/dev/null; }
 
+# True when something accepts connections on the unix socket PATH.
+unix_open() {
+  [[ -S $1 ]] && timeout 2 /usr/bin/python3 -c 'import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])' "$1" 2>/dev/null
+}
+
+# Close every file descriptor above 2 (run in the subshell that execs a
+# daemon): `flock LOCK tests/lab/up` hands its lock to the command as fd 3, and
+# a daemon that kept it would hold the shared lab lock for ever.
+close_fds() {
+  local fd
+  for fd in /proc/$BASHPID/fd/*; do
+    fd=${fd##*/}
+    ((fd > 2)) || continue
+    { eval "exec $fd>&-"; } 2>/dev/null || true
+  done
+}
+
+# Become COMMAND with no inherited descriptors but 0-2 (see close_fds). Call it
+# in a subshell, `(daemon CMD...)`, or in the background, `daemon CMD... &`
+# (then $! is the daemon's own pid).
+daemon() {
+  close_fds
+  exec "$@"
+}
+
 # A zombie counts as gone (pid 1 here reaps slowly).
 alive() {
   local stat
@@ -101,7 +156,8 @@ descendants() {
 svc_pid() {
   local pidfile pid
   pidfile=$(svc_pidfile "$1" "$2")
-  [[ -s $pidfile ]] && read -r pid <"$pidfile" && alive "$pid" &&
+  # (php-fpm's pid file has no final newline)
+  [[ -s $pidfile ]] && { read -r pid <"$pidfile" || [[ -n ${pid:-} ]]; } && alive "$pid" &&
     [[ $(ps -o comm= -p "$pid") == "$(svc_comm "$2")"* ]] && echo "$pid"
 }
 
@@ -111,13 +167,16 @@ svc_healthy() {
   addr=$(svc_addr "$1" "$2")
   case $2 in
     nsd | unbound) "$LAB_SRC/dnsq" "$addr" ns.example.test >/dev/null 2>&1 ;;
+    php-fpm) unix_open "$(svc_socket "$1" "$2")" ;;
     *) for port in $(svc_ports "$2"); do tcp_open "$addr" "$port" || return 1; done ;;
   esac
 }
 
 # True when nothing listens on the service's address and ports (TCP or UDP).
 ports_closed() {
-  local addr port
+  local addr port sock
+  sock=$(svc_socket "$1" "$2")
+  if [[ -n $sock ]]; then ! unix_open "$sock"; return; fi
   addr=$(svc_addr "$1" "$2")
   for port in $(svc_ports "$2"); do [[ -z $(ss -Hltun src "$addr:$port") ]] || return 1; done
 }
@@ -138,7 +197,7 @@ svc_stop() {
   fi
   rm -f "$(svc_pidfile "$1" "$2")"
   wait_until 10 ports_closed "$1" "$2" ||
-    die "$1 $2: ports $(svc_ports "$2") on $(svc_addr "$1" "$2") still open after stop"
+    die "$1 $2: $(svc_endpoint "$1" "$2") still answers after stop"
 }
 
 # Start a service from its rendered config unless it is already healthy;
@@ -150,13 +209,18 @@ svc_start() {
   log=$(svc_log "$env" "$svc")
   dir=$LAB/$env/$svc
   case $svc in
-    nginx) nginx -e "$log" -c "$dir/nginx.conf" >>"$log" 2>&1 </dev/null ;;
-    dovecot) dovecot -c "$dir/dovecot.conf" >>"$log" 2>&1 </dev/null ;;
+    nginx) (daemon nginx -e "$log" -c "$dir/nginx.conf") >>"$log" 2>&1 </dev/null ;;
+    dovecot) (daemon dovecot -c "$dir/dovecot.conf") >>"$log" 2>&1 </dev/null ;;
     postfix)
       postfix -c "$dir" check || die "postfix -c $dir check failed; see $log"
-      postfix -c "$dir" start >>"$log" 2>&1 </dev/null ;;
-    nsd) nsd -c "$LAB/dns/nsd.conf" >>"$log" 2>&1 </dev/null ;;
-    unbound) unbound -c "$LAB/dns/unbound.conf" >>"$log" 2>&1 </dev/null ;;
+      (daemon postfix -c "$dir" start) >>"$log" 2>&1 </dev/null ;;
+    nsd) (daemon nsd -c "$LAB/dns/nsd.conf") >>"$log" 2>&1 </dev/null ;;
+    unbound) (daemon unbound -c "$LAB/dns/unbound.conf") >>"$log" 2>&1 </dev/null ;;
+    # Both stay in the foreground (php-fpm writes its own pid file).
+    php-fpm) daemon php-fpm8.2 -F -y "$dir/php-fpm.conf" >>"$log" 2>&1 </dev/null & ;;
+    radicale)
+      daemon radicale -C "$dir/config" >>"$log" 2>&1 </dev/null &
+      echo $! >"$(svc_pidfile "$env" "$svc")" ;;
   esac || die "$env $svc failed to start; see $log"
   wait_until 15 svc_healthy "$env" "$svc" || die "$env $svc did not come up; see $log"
 }
@@ -223,6 +287,10 @@ write_zone() {
     for name in "${NAMES[@]}"; do
       for ip in $ips; do printf '%s A %s\n' "$name" "$ip"; done
     done
+    for name in "${OLD_ONLY_NAMES[@]}"; do printf '%s A %s\n' "$name" "$(env_ip old)"; done
+    # RFC 6764 discovery of CalDAV/CardDAV over TLS: host, port and context path.
+    printf '_caldavs._tcp SRV 0 1 443 dav.example.test.\n_caldavs._tcp TXT "path=/"\n'
+    printf '_carddavs._tcp SRV 0 1 443 dav.example.test.\n_carddavs._tcp TXT "path=/"\n'
     # The provider's SPF policy that hosted customer domains include
     # (tests/lab/customers), and the autoconfig host their CNAMEs point to.
     printf 'spf TXT "v=spf1 ip4:127.0.0.10 ip4:127.0.0.20 -all"\n'
@@ -244,13 +312,25 @@ ensure_password() {
   (umask 077 && openssl rand -hex 16 >"$PASSWORD_FILE")
 }
 
-# Replace ENV's Dovecot users file with stdin.
+# Replace ENV's Dovecot users file with stdin, and Radicale's htpasswd with
+# the same users and passwords.
 install_users() {
   local f=$LAB/$1/dovecot/users
   cat >"$f.new"
   chgrp dovecot "$f.new"
   chmod 0640 "$f.new"
   replace_file "$f"
+  write_dav_users "$1"
+}
+
+# Radicale's htpasswd for ENV, from ENV's Dovecot users file (`user:{PLAIN}pw`
+# -> `user:pw`, htpasswd_encryption = plain). Radicale 3.1 reads the file at
+# every login, so a change counts from the next request on.
+write_dav_users() {
+  local f=$LAB/$1/radicale/users
+  mkdir -p "$LAB/$1/radicale"
+  (umask 077 && sed 's/^\([^:]*\):{PLAIN}/\1:/' "$LAB/$1/dovecot/users" >"$f.new")
+  mv -f "$f.new" "$f"
 }
 
 # If ENV's Dovecot runs, wait until it accepts USER with PASSWORD (passwd-file
@@ -275,4 +355,156 @@ set_password() {
   grep -q "^$user:" "$f" || die "no user $user in $f"
   P="{PLAIN}$pw" U=$user awk -F: -v OFS=: '$1 == ENVIRON["U"] { $2 = ENVIRON["P"] } 1' "$f" | install_users "$env"
   wait_auth "$env" "$user" "$pw"
+}
+
+# ---- Roundcube (tests/lab/webmail) -------------------------------------------
+
+WEBMAIL_PLUGINS_DEFAULT="archive zipdownload"
+WEBMAIL_SKIN_DEFAULT=elastic
+
+# A Roundcube setting of ENV (plugins|skin) kept in $LAB/ENV/roundcube/NAME.
+webmail_setting() {
+  local default
+  if [[ $2 == plugins ]]; then default=$WEBMAIL_PLUGINS_DEFAULT; else default=$WEBMAIL_SKIN_DEFAULT; fi
+  cat "$LAB/$1/roundcube/$2" 2>/dev/null || echo "$default"
+}
+
+# Write ENV's settings.inc.php (included by its config.inc.php) from the kept
+# settings. Roundcube reads it at every request; its mtime only ever grows, so
+# opcache (revalidate_freq = 0) never serves the old one.
+write_webmail_settings() {
+  local env=$1 f=$LAB/$1/roundcube/config/settings.inc.php plugins skin p list=()
+  plugins=$(webmail_setting "$env" plugins)
+  skin=$(webmail_setting "$env" skin)
+  for p in $plugins; do list+=("'$p'"); done
+  {
+    printf '<?php\n// Written by tests/lab (webmail plugins|skin|reset).\n'
+    printf "\$config['plugins'] = [%s];\n" "$(IFS=,; echo "${list[*]}")"
+    printf "\$config['skin'] = '%s';\n" "$skin"
+  } >"$f.new"
+  chmod 0644 "$f.new"
+  replace_file "$f"
+}
+
+WEBMAIL_DB() { echo "$LAB/$1/roundcube/db/roundcube.sqlite"; }
+
+# Set the mode of ENV's Roundcube DB and its WAL companions (Roundcube turns
+# WAL on; sqlite makes -shm with the DB's mode of the moment, so a -shm left
+# read-only would keep the DB read-only after a fix). 0440: www-data, the
+# owner that php-fpm runs Roundcube as, can only read it.
+webmail_db_mode() {
+  local f
+  for f in "$(WEBMAIL_DB "$1")"{,-wal,-shm}; do
+    [[ -e $f ]] || continue
+    chown www-data:www-data "$f"
+    chmod "$2" "$f"
+  done
+}
+
+# ---- Radicale (tests/lab/dav) ------------------------------------------------
+
+DAV_LEGACY_PATH=/SOGo/dav
+
+# What ENV's nginx does with /.well-known/caldav|carddav: ok (301 to /),
+# missing (404 from nginx; Radicale 3.1.8 would itself 301 them to /, so nginx
+# must answer them), old-host (301 to https://dav-old.example.test/).
+dav_wellknown() { cat "$LAB/$1/radicale/wellknown" 2>/dev/null || echo ok; }
+
+# The nginx include of ENV's dav server: well-known redirects, and the legacy
+# path (old serves Radicale there too, new redirects it to the current path).
+write_dav_routes() {
+  local env=$1 f=$LAB/$1/nginx/dav-routes.conf ip target mode
+  ip=$(env_ip "$env")
+  mode=$(dav_wellknown "$env")
+  case $mode in
+    ok) target=/ ;;
+    old-host) target=https://dav-old.example.test/ ;;
+    missing) target= ;;
+    *) die "unknown well-known setting '$mode' (ok|missing|old-host)" ;;
+  esac
+  {
+    echo "# Written by tests/lab (well-known: $mode)."
+    if [[ -n $target ]]; then
+      printf 'location = /.well-known/caldav { return 301 %s; }\n' "$target"
+      printf 'location = /.well-known/carddav { return 301 %s; }\n' "$target"
+    else
+      printf 'location ^~ /.well-known/ { return 404; }\n'
+    fi
+    if [[ $env == old ]]; then
+      cat <<END
+location $DAV_LEGACY_PATH/ {
+    proxy_pass http://$ip:$RADICALE_PORT/;
+    proxy_set_header Host \$host;
+    proxy_set_header X-Forwarded-Proto https;
+    proxy_set_header X-Script-Name $DAV_LEGACY_PATH;
+}
+END
+    else
+      printf 'location = %s { return 301 /; }\n' "$DAV_LEGACY_PATH"
+      printf 'location ~ ^%s/(.*)$ { return 301 /$1$is_args$args; }\n' "$DAV_LEGACY_PATH"
+    fi
+  } >"$f.new"
+  mv -f "$f.new" "$f"
+}
+
+# Seeded DAV data, per user: "COLLECTION KIND COUNT" (KIND: events|contacts|
+# empty-calendar). The same bytes in both environments (same ETags).
+dav_seed_plan() {
+  case $1 in
+    probe@example.test) printf '%s\n' "calendar events 5" "probe-writes empty-calendar 0" "contacts contacts 7" ;;
+    other@example.test) printf '%s\n' "calendar events 3" "contacts contacts 2" ;;
+  esac
+}
+
+DAV_USERS=(probe@example.test other@example.test)
+
+# Event I of USER: events 1-4 on 2030-01-07..10 09:00-10:00 UTC, 5 and later
+# on 2030-03-1x (outside a January time range).
+dav_event() {
+  local user=$1 i=$2 day
+  if ((i <= 4)); then day=$(printf '203001%02d' $((6 + i))); else day=$(printf '203003%02d' $((10 + i))); fi
+  printf 'BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//cutover-lab//seed//EN\r\nBEGIN:VEVENT\r\n'
+  printf 'UID:lab-event-%s-%s@example.test\r\nDTSTAMP:20250101T000000Z\r\n' "${user%@*}" "$i"
+  printf 'DTSTART:%sT090000Z\r\nDTEND:%sT100000Z\r\nSUMMARY:Lab event %s\r\n' "$day" "$day" "$i"
+  printf 'END:VEVENT\r\nEND:VCALENDAR\r\n'
+}
+
+dav_contact() {
+  local user=$1 i=$2
+  printf 'BEGIN:VCARD\r\nVERSION:3.0\r\nUID:lab-contact-%s-%s@example.test\r\n' "${user%@*}" "$i"
+  printf 'FN:Lab Contact %s\r\nN:Contact %s;Lab;;;\r\n' "$i" "$i"
+  printf 'EMAIL;TYPE=INTERNET:contact%s@example.test\r\nEND:VCARD\r\n' "$i"
+}
+
+# Write the seeded collections of every DAV user under DIR (collection-root).
+dav_write_seed() {
+  local root=$1 user coll kind n i d
+  for user in "${DAV_USERS[@]}"; do
+    mkdir -p "$root/$user"
+    while read -r coll kind n; do
+      d=$root/$user/$coll
+      mkdir -p "$d"
+      case $kind in
+        events)
+          printf '{"C:supported-calendar-component-set": "VEVENT", "D:displayname": "Calendar", "ICAL:calendar-color": "#3465a4", "tag": "VCALENDAR"}' >"$d/.Radicale.props"
+          for ((i = 1; i <= n; i++)); do dav_event "$user" "$i" >"$d/event-$i.ics"; done ;;
+        empty-calendar)
+          printf '{"C:supported-calendar-component-set": "VEVENT,VTODO", "D:displayname": "Probe writes", "tag": "VCALENDAR"}' >"$d/.Radicale.props" ;;
+        contacts)
+          printf '{"D:displayname": "Contacts", "tag": "VADDRESSBOOK"}' >"$d/.Radicale.props"
+          for ((i = 1; i <= n; i++)); do dav_contact "$user" "$i" >"$d/contact-$i.vcf"; done ;;
+      esac
+    done < <(dav_seed_plan "$user")
+  done
+}
+
+# Replace ENV's Radicale storage with the seed (swapped in by rename; Radicale
+# lists the directories at every request, nothing to restart).
+dav_seed() {
+  local dir=$LAB/$1/radicale
+  rm -rf "$dir/collections.new" "$dir/collections.old"
+  dav_write_seed "$dir/collections.new/collection-root"
+  [[ ! -e $dir/collections ]] || mv "$dir/collections" "$dir/collections.old"
+  mv "$dir/collections.new" "$dir/collections"
+  rm -rf "$dir/collections.old"
 }
