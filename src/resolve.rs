@@ -14,7 +14,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 use crate::config::ResolverAddr;
-use crate::probe::{Failure, FailureReason};
 
 /// Largest DNS message we accept over TCP (the protocol's own limit).
 const MAX_TCP_MESSAGE: usize = 65_535;
@@ -133,15 +132,27 @@ pub fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// Why a name could not be resolved for a live environment. Its own type, so
+/// this module sits below the probes; they map it onto their reasons.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// Nothing answered in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// An answer without addresses, an error code, or a resolver failure.
+    #[error("{0}")]
+    NoAddress(String),
+}
+
 /// Resolves `host` the way a user of a live environment would: through the
 /// system resolver or by asking the configured server for A and AAAA.
-pub async fn lookup(resolver: ResolverAddr, host: &str, timeout: Duration) -> Result<Vec<IpAddr>, Failure> {
-    let dns = |detail: String| Failure::new(FailureReason::Dns, detail);
+pub async fn lookup(resolver: ResolverAddr, host: &str, timeout: Duration) -> Result<Vec<IpAddr>, LookupError> {
+    let dns = LookupError::NoAddress;
     match resolver {
         ResolverAddr::System => {
             let addrs = tokio::time::timeout(timeout, tokio::net::lookup_host((host, 0)))
                 .await
-                .map_err(|_| Failure::new(FailureReason::Timeout, format!("resolving {host}")))?
+                .map_err(|_| LookupError::Timeout(format!("resolving {host}")))?
                 .map_err(|e| dns(format!("resolving {host}: {e}")))?;
             let ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
             if ips.is_empty() {
@@ -163,10 +174,7 @@ pub async fn lookup(resolver: ResolverAddr, host: &str, timeout: Duration) -> Re
                     }
                     Ok(msg) => problems.push(format!("{}", msg.metadata.response_code)),
                     Err(QueryError::Timeout(..)) if ips.is_empty() => {
-                        return Err(Failure::new(
-                            FailureReason::Timeout,
-                            format!("no answer from {server} for {host}"),
-                        ));
+                        return Err(LookupError::Timeout(format!("no answer from {server} for {host}")));
                     }
                     Err(e) => problems.push(e.to_string()),
                 }

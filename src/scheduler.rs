@@ -164,7 +164,9 @@ async fn attempt(
     let ip = match &spec.target {
         Target::Pinned(ip) => *ip,
         Target::Live(resolver) => {
-            let lookup = resolve::lookup(*resolver, probe.hostname(), spec.check.check.timeout);
+            let lookup = async {
+                Ok::<_, Failure>(resolve::lookup(*resolver, probe.hostname(), spec.check.check.timeout).await?)
+            };
             let ips = run.phase("resolve", lookup).await.in_phase("resolve")?;
             // Users' clients try IPv4 first on most networks; so do we.
             let ip = ips.iter().find(|ip| ip.is_ipv4()).unwrap_or(&ips[0]).to_owned();

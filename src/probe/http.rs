@@ -19,7 +19,7 @@ use regex::Regex;
 use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Failure, FailureReason, FieldError, InPhase, Probe, Run, tls};
+use super::{Failure, FailureReason, FieldError, InPhase, Probe, Run};
 use crate::config::{Check, HttpSpec};
 
 /// The largest body we read; a webmail login page is far below this.
@@ -113,7 +113,7 @@ impl Probe for HttpProbe {
                 let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
                 let tcp = super::connect(ip, port, run).await?;
                 let response = if https {
-                    let stream = tls::handshake(tcp, &self.host, &self.roots, &[b"http/1.1"], run)
+                    let stream = super::tls_handshake(tcp, &self.host, &self.roots, &[b"http/1.1"], run)
                         .await
                         .in_phase("tls")?;
                     self.exchange(stream, &url, run).await?

@@ -220,7 +220,7 @@ impl ImapProbe {
         let tcp = super::connect(ip, self.port, run).await?;
         let (client, caps) = match self.tls {
             ImapTls::Implicit => {
-                let tls = tls::handshake(tcp, &self.host, &self.roots, &[], run)
+                let tls = super::tls_handshake(tcp, &self.host, &self.roots, &[], run)
                     .await
                     .in_phase("tls")?;
                 let mut client = Client::new(self.bounded(Box::new(tls) as Box<dyn Transport>));
@@ -250,7 +250,7 @@ impl ImapProbe {
                 // Bytes async-imap buffered past the OK go with it, so nothing
                 // sent in clear is later read as if it came over TLS.
                 let tcp = client.into_inner().into_inner();
-                let tls = tls::handshake(tcp, &self.host, &self.roots, &[], run)
+                let tls = super::tls_handshake(tcp, &self.host, &self.roots, &[], run)
                     .await
                     .in_phase("tls")?;
                 let mut client = Client::new(self.bounded(Box::new(tls) as Box<dyn Transport>));

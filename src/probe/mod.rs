@@ -28,6 +28,7 @@ use futures::future::BoxFuture;
 
 pub use crate::config::FieldError;
 use crate::config::{Check, ConfigErrors, Credentials, KindSpec};
+pub use tls::CertFacts;
 
 /// One protocol's probe, built once per check from its validated spec.
 pub trait Probe: Send + Sync + 'static {
@@ -254,10 +255,20 @@ impl Failure {
         let reason = match err.kind() {
             ConnectionRefused => FailureReason::Refused,
             TimedOut => FailureReason::Timeout,
-            InvalidData => tls::classify_io(err).unwrap_or(FailureReason::Protocol),
-            _ => tls::classify_io(err).unwrap_or(FailureReason::Network),
+            InvalidData => tls::classify_io(err).map_or(FailureReason::Protocol, FailureReason::from),
+            _ => tls::classify_io(err).map_or(FailureReason::Network, FailureReason::from),
         };
         Failure::new(reason, err.to_string())
+    }
+}
+
+impl From<crate::resolve::LookupError> for Failure {
+    fn from(e: crate::resolve::LookupError) -> Self {
+        let reason = match e {
+            crate::resolve::LookupError::Timeout(_) => FailureReason::Timeout,
+            crate::resolve::LookupError::NoAddress(_) => FailureReason::Dns,
+        };
+        Failure::new(reason, e.to_string())
     }
 }
 
@@ -287,22 +298,6 @@ pub fn sanitize(text: &str) -> String {
         }
     }
     out
-}
-
-/// Facts about the certificate a server presented, recorded even when the
-/// verification failed, so old and new can be compared by fingerprint.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CertFacts {
-    /// End of validity, Unix seconds.
-    pub not_after: i64,
-    /// Whether the certificate covers the production hostname.
-    pub name_matched: bool,
-    /// Issuer distinguished name.
-    pub issuer: String,
-    /// Hex SHA-256 of the DER certificate.
-    pub sha256: String,
-    /// The DNS names the certificate covers (subjectAltName).
-    pub dns_names: Vec<String>,
 }
 
 /// One probe execution: phase timings and the facts a probe gathers. Lives
@@ -376,6 +371,37 @@ impl Outcome {
     pub fn success(&self) -> bool {
         self.result.is_ok()
     }
+}
+
+impl From<tls::TlsFailure> for FailureReason {
+    fn from(kind: tls::TlsFailure) -> Self {
+        match kind {
+            tls::TlsFailure::Handshake => FailureReason::TlsHandshake,
+            tls::TlsFailure::Untrusted => FailureReason::CertUntrusted,
+            tls::TlsFailure::Expired => FailureReason::CertExpired,
+            tls::TlsFailure::NameMismatch => FailureReason::CertNameMismatch,
+        }
+    }
+}
+
+/// A TLS handshake over `stream` as phase `tls`, verifying the certificate
+/// for `hostname` against `roots`; the certificate's facts land in
+/// `run.cert` whether or not the verification succeeds.
+pub async fn tls_handshake<S>(
+    stream: S,
+    hostname: &str,
+    roots: &Arc<rustls::RootCertStore>,
+    alpn: &[&[u8]],
+    run: &mut Run,
+) -> Result<tokio_rustls::client::TlsStream<S>, Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (result, facts) = run.phase("tls", tls::handshake(stream, hostname, roots, alpn)).await;
+    if facts.is_some() {
+        run.cert = facts;
+    }
+    result.map_err(|e| Failure::new(e.kind.into(), e.detail))
 }
 
 /// Opens a TCP connection to `ip:port` as phase `connect`.

@@ -4,7 +4,7 @@
 //! small message is sent) and `relay_check` (an external recipient is refused
 //! without AUTH).
 //!
-//! The session is written here over [`super::connect`] and [`tls::handshake`]
+//! The session is written here over [`super::connect`] and [`super::tls_handshake`]
 //! instead of lettre's transport: lettre folds connect, banner and EHLO into one
 //! call and reports only the last reply, while this probe must time and report
 //! each step, and check that the certificate is recorded like every other
@@ -23,7 +23,7 @@ use regex::Regex;
 use rustls::RootCertStore;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-use super::{Failure, FailureReason, FieldError, InPhase, Measurement, Probe, Run, tls};
+use super::{Failure, FailureReason, FieldError, InPhase, Measurement, Probe, Run};
 use crate::config::{Check, Credential, Credentials, SmtpMode, SmtpSpec, SmtpTls};
 
 /// The last reply code a server gave at one step of an SMTP session, so a
@@ -217,7 +217,7 @@ impl SmtpProbe {
             let tcp = super::connect(ip, self.port, run).await?;
             let io: Box<dyn Io> = match self.tls {
                 SmtpTls::Implicit => Box::new(
-                    tls::handshake(tcp, &self.host, &self.roots, &[], run)
+                    super::tls_handshake(tcp, &self.host, &self.roots, &[], run)
                         .await
                         .in_phase("tls")?,
                 ),
@@ -268,7 +268,7 @@ impl SmtpProbe {
                 .in_phase("starttls")?;
             s.expect(run, "starttls", &reply, 2).in_phase("starttls")?;
             let raw = s.take_plain().in_phase("starttls")?;
-            let secured = tls::handshake(raw, &self.host, &self.roots, &[], run)
+            let secured = super::tls_handshake(raw, &self.host, &self.roots, &[], run)
                 .await
                 .in_phase("tls")?;
             s.resume(Box::new(secured));

@@ -10,7 +10,7 @@ use regex::Regex;
 use rustls::RootCertStore;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::{Failure, FailureReason, FieldError, InPhase, Probe, Run, tls};
+use super::{Failure, FailureReason, FieldError, InPhase, Probe, Run};
 use crate::config::{Check, TcpSpec};
 
 /// The longest banner line we read before calling the reply oversize.
@@ -50,7 +50,7 @@ impl Probe for TcpProbe {
         Box::pin(async move {
             let tcp = super::connect(ip, self.port, run).await?;
             if self.tls {
-                let stream = tls::handshake(tcp, &self.host, &self.roots, &[], run)
+                let stream = super::tls_handshake(tcp, &self.host, &self.roots, &[], run)
                     .await
                     .in_phase("tls")?;
                 self.check_banner(stream, run).await

@@ -14,31 +14,75 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::{CertFacts, Failure, FailureReason, Run};
+/// Facts about the certificate a server presented, recorded even when the
+/// verification failed, so old and new can be compared by fingerprint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertFacts {
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+    /// Whether the certificate covers the production hostname.
+    pub name_matched: bool,
+    /// Issuer distinguished name.
+    pub issuer: String,
+    /// Hex SHA-256 of the DER certificate.
+    pub sha256: String,
+    /// The DNS names the certificate covers (subjectAltName).
+    pub dns_names: Vec<String>,
+}
 
-/// Performs a TLS handshake over `stream` as phase `tls`, verifying the
-/// certificate for `hostname` against `roots`. Certificate facts land in
-/// `run.cert` whether or not the verification succeeds.
+/// Why a handshake failed, in this module's own terms (it sits below the
+/// probes, which map it onto their failure reasons).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// Anything but the certificate: protocol versions, alerts, resets.
+    Handshake,
+    /// The chain does not lead to a trusted CA.
+    Untrusted,
+    /// Expired or not yet valid.
+    Expired,
+    /// Does not cover the production hostname.
+    NameMismatch,
+}
+
+/// A failed handshake: what kind, and a detail for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsError {
+    /// What kind of failure.
+    pub kind: TlsFailure,
+    /// What happened, naming the host.
+    pub detail: String,
+}
+
+/// Performs a TLS handshake over `stream`, verifying the certificate for
+/// `hostname` against `roots`. The facts of the certificate the server
+/// presented come back whether or not the verification succeeded.
 pub async fn handshake<S>(
     stream: S,
     hostname: &str,
     roots: &Arc<RootCertStore>,
     alpn: &[&[u8]],
-    run: &mut Run,
-) -> Result<TlsStream<S>, Failure>
+) -> (Result<TlsStream<S>, TlsError>, Option<CertFacts>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let server_name = ServerName::try_from(hostname.to_owned()).map_err(|e| {
-        Failure::new(
-            FailureReason::TlsHandshake,
-            format!("invalid TLS name {hostname:?}: {e}"),
-        )
-    })?;
+    let handshake_error = |detail: String| TlsError {
+        kind: TlsFailure::Handshake,
+        detail,
+    };
+    let server_name = match ServerName::try_from(hostname.to_owned()) {
+        Ok(name) => name,
+        Err(e) => {
+            return (
+                Err(handshake_error(format!("invalid TLS name {hostname:?}: {e}"))),
+                None,
+            );
+        }
+    };
     let seen = Arc::new(Mutex::new(None));
-    let inner = WebPkiServerVerifier::builder(roots.clone())
-        .build()
-        .map_err(|e| Failure::new(FailureReason::TlsHandshake, format!("trust store: {e}")))?;
+    let inner = match WebPkiServerVerifier::builder(roots.clone()).build() {
+        Ok(inner) => inner,
+        Err(e) => return (Err(handshake_error(format!("trust store: {e}"))), None),
+    };
     let mut config = ClientConfig::builder()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(Recording {
@@ -48,36 +92,35 @@ where
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let connector = TlsConnector::from(Arc::new(config));
-    let result = run.phase("tls", connector.connect(server_name, stream)).await;
+    let result = connector.connect(server_name, stream).await;
     let presented = seen.lock().expect("cert slot").take();
-    if let Some(der) = presented {
-        run.cert = cert_facts(&der, hostname);
-    }
-    result.map_err(|e| {
-        let reason = classify_io(&e).unwrap_or(FailureReason::TlsHandshake);
-        Failure::new(reason, format!("TLS handshake with {hostname}: {e}"))
-    })
+    let facts = presented.and_then(|der| cert_facts(&der, hostname));
+    let result = result.map_err(|e| TlsError {
+        kind: classify_io(&e).unwrap_or(TlsFailure::Handshake),
+        detail: format!("TLS handshake with {hostname}: {e}"),
+    });
+    (result, facts)
 }
 
-/// Maps an I/O error that wraps a rustls error onto a failure reason.
-pub fn classify_io(err: &std::io::Error) -> Option<FailureReason> {
+/// What kind of TLS failure an I/O error wraps, if it wraps a rustls error.
+pub fn classify_io(err: &std::io::Error) -> Option<TlsFailure> {
     let inner = err.get_ref()?.downcast_ref::<rustls::Error>()?;
     Some(classify(inner))
 }
 
-fn classify(err: &rustls::Error) -> FailureReason {
+fn classify(err: &rustls::Error) -> TlsFailure {
     match err {
         rustls::Error::InvalidCertificate(cert) => match cert {
             CertificateError::Expired
             | CertificateError::ExpiredContext { .. }
             | CertificateError::NotValidYet
-            | CertificateError::NotValidYetContext { .. } => FailureReason::CertExpired,
+            | CertificateError::NotValidYetContext { .. } => TlsFailure::Expired,
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                FailureReason::CertNameMismatch
+                TlsFailure::NameMismatch
             }
-            _ => FailureReason::CertUntrusted,
+            _ => TlsFailure::Untrusted,
         },
-        _ => FailureReason::TlsHandshake,
+        _ => TlsFailure::Handshake,
     }
 }
 
