@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use tokio::task::JoinHandle;
 
+use crate::audits::AuditStore;
 use crate::config::{EnvKind, Kind, KindSpec, ResolverAddr};
 use crate::ledger::Ledger;
 use crate::metrics::{Instance, Metrics};
-use crate::probe::hosted_domains::{AuditReport, Change, Direction, changes};
 use crate::probe::{BackgroundContext, Config, Failure, FailureReason, InPhase, Measurement, Outcome, Probe, Run};
 
 /// A check with its built probe.
@@ -208,27 +208,8 @@ pub struct Shared {
     /// Last state per instance.
     pub last: Mutex<HashMap<Instance, LastState>>,
     /// Per `hosted_domains` check: its last finished audit and change log.
-    pub audits: Mutex<HashMap<String, AuditState>>,
-    /// Where the last audit of each check is kept across restarts (under
-    /// `--storage.path`); only the daemon sets it.
-    audit_dir: std::sync::OnceLock<PathBuf>,
+    pub audits: AuditStore,
 }
-
-/// What the daemon keeps of a `hosted_domains` check between audits.
-#[derive(Debug, Clone)]
-pub struct AuditState {
-    /// The last finished audit; a failed one never replaces it.
-    pub report: Arc<AuditReport>,
-    /// The latest changes, newest last, at most [`MAX_CHANGES_KEPT`].
-    pub changes: std::collections::VecDeque<Change>,
-}
-
-/// Changes kept per check for `/api/v1/domains`.
-pub const MAX_CHANGES_KEPT: usize = 1000;
-
-/// Changes logged one line each per audit; beyond, one summary line, so an
-/// outage of a big DNS host cannot flood the log.
-const MAX_CHANGES_LOGGED: usize = 100;
 
 impl Shared {
     /// Fresh state around a registry.
@@ -236,8 +217,7 @@ impl Shared {
         Arc::new(Shared {
             metrics,
             last: Mutex::new(HashMap::new()),
-            audits: Mutex::new(HashMap::new()),
-            audit_dir: std::sync::OnceLock::new(),
+            audits: AuditStore::default(),
         })
     }
 
@@ -246,7 +226,9 @@ impl Shared {
         self.metrics.record(inst, &outcome);
         for m in &outcome.measurements {
             if let Measurement::HostedDomains(report) = m {
-                self.keep_audit(&inst.check, report.clone());
+                for (direction, n) in self.audits.keep(&inst.check, report.clone()) {
+                    self.metrics.hosted_domain_changes(&inst.check, direction, n);
+                }
             }
         }
         let mut last = self.last.lock().expect("state lock");
@@ -264,107 +246,6 @@ impl Shared {
         }
         last.insert(inst.clone(), LastState { outcome, since });
     }
-}
-
-impl Shared {
-    /// Keeps a finished audit and logs what changed since the previous one:
-    /// one line per domain that moved to or from `ok` (or between problems).
-    fn keep_audit(&self, check: &str, report: Arc<AuditReport>) {
-        if let Some(dir) = self.audit_dir.get() {
-            let (path, report) = (audit_file(dir, check), report.clone());
-            // Tens of thousands of rows: written off the runtime's workers.
-            let save = move || {
-                if let Err(e) = save_audit(&path, &report) {
-                    tracing::warn!(file = %path.display(), error = %e, "could not keep the hosted-domain audit on disk; a restart will audit again at once");
-                }
-            };
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => drop(rt.spawn_blocking(save)),
-                Err(_) => save(),
-            }
-        }
-        let mut audits = self.audits.lock().expect("audits lock");
-        match audits.get_mut(check) {
-            None => {
-                let summary: Vec<String> = report
-                    .counts()
-                    .iter()
-                    .filter(|(_, n)| **n > 0)
-                    .map(|(f, n)| format!("{f}={n}"))
-                    .collect();
-                tracing::info!(
-                    check, domains = report.domains.len(), findings = %summary.join(" "),
-                    duration_seconds = report.duration_seconds,
-                    "hosted-domain audit finished (first since start)"
-                );
-                audits.insert(
-                    check.to_string(),
-                    AuditState {
-                        report,
-                        changes: Default::default(),
-                    },
-                );
-            }
-            Some(state) => {
-                let changed = changes(&state.report, &report);
-                for (i, c) in changed.iter().enumerate() {
-                    if i == MAX_CHANGES_LOGGED {
-                        tracing::warn!(
-                            check,
-                            more = changed.len() - i,
-                            "more hosted domains changed; see /api/v1/domains"
-                        );
-                        break;
-                    }
-                    let before = c.before.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(",");
-                    let after = c.after.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(",");
-                    match c.direction {
-                        Direction::Regressed => {
-                            tracing::warn!(check, domain = %c.domain, before, after, "hosted domain regressed")
-                        }
-                        direction => {
-                            tracing::info!(check, domain = %c.domain, before, after, "hosted domain {}", direction.as_str())
-                        }
-                    }
-                }
-                for direction in Direction::ALL {
-                    let n = changed.iter().filter(|c| c.direction == direction).count() as u64;
-                    self.metrics.hosted_domain_changes(check, direction, n);
-                }
-                state.changes.extend(changed);
-                while state.changes.len() > MAX_CHANGES_KEPT {
-                    state.changes.pop_front();
-                }
-                state.report = report;
-            }
-        }
-    }
-}
-
-/// Where the last audit of `check` is kept: one JSON file per check, named
-/// after it (characters other than letters, digits, `.`, `_`, `-` as `_`).
-fn audit_file(dir: &std::path::Path, check: &str) -> PathBuf {
-    let name: String = check
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    dir.join(format!("{name}.json"))
-}
-
-/// Writes `report` atomically (temporary file, then rename), readable by the
-/// daemon's user only: it lists every customer domain.
-fn save_audit(path: &std::path::Path, report: &AuditReport) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-    }
-    crate::write_private(path, &serde_json::to_vec(report)?)
 }
 
 fn state_key(o: &Outcome) -> Option<FailureReason> {
@@ -414,7 +295,7 @@ impl Scheduler {
     /// Lets [`Scheduler::prepare`] open the mail ledger in `dir`
     /// (`--storage.path`) once a config needs it; only the daemon does this.
     pub fn with_storage(mut self, dir: PathBuf) -> Scheduler {
-        let _ = self.shared.audit_dir.set(dir.join("hosted-domains"));
+        self.shared.audits.keep_in(dir.join("hosted-domains"));
         self.storage = Some(dir);
         self
     }
@@ -442,37 +323,12 @@ impl Scheduler {
     /// Serves the audit each `hosted_domains` check last finished before a
     /// restart, until its next one: counts, rows, and the base of its change log.
     fn restore_audits(&self, config: &Config) {
-        let Some(dir) = self.shared.audit_dir.get() else {
-            return;
-        };
-        let mut audits = self.shared.audits.lock().expect("audits lock");
         for loaded in &config.checks {
-            let check = &loaded.check.name;
-            if !matches!(loaded.check.kind, KindSpec::HostedDomains(_)) || audits.contains_key(check) {
+            if loaded.check.kind.kind() != Kind::HostedDomains {
                 continue;
             }
-            let path = audit_file(dir, check);
-            let report = match std::fs::read(&path) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => Err(e.to_string()),
-                Ok(bytes) => serde_json::from_slice::<AuditReport>(&bytes).map_err(|e| e.to_string()),
-            };
-            match report {
-                Ok(report) if report.check == *check => {
-                    tracing::info!(check = %check, file = %path.display(), domains = report.domains.len(), "restored the last hosted-domain audit");
-                    self.shared.metrics.record_audit(check, &report);
-                    audits.insert(
-                        check.clone(),
-                        AuditState {
-                            report: Arc::new(report),
-                            changes: Default::default(),
-                        },
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(check = %check, file = %path.display(), error = %e, "ignoring an unreadable kept audit; auditing again")
-                }
+            if let Some(report) = self.shared.audits.restore(&loaded.check.name) {
+                self.shared.metrics.record_audit(&loaded.check.name, &report);
             }
         }
     }
@@ -489,7 +345,7 @@ impl Scheduler {
             }
         }
         self.shared.metrics.set_instances(specs.len());
-        self.shared.audits.lock().expect("audits lock").retain(|check, _| {
+        self.shared.audits.lock().retain(|check, _| {
             specs
                 .iter()
                 .any(|s| &s.inst.check == check && s.inst.kind == Kind::HostedDomains)
@@ -550,7 +406,6 @@ async fn instance_loop(spec: InstanceSpec, config: Arc<Config>, shared: Arc<Shar
         || shared
             .audits
             .lock()
-            .expect("audits lock")
             .get(&spec.inst.check)
             .is_some_and(|a| within(a.report.started_at));
     let mut first = tokio::time::Instant::now() + wait;

@@ -185,8 +185,8 @@ async fn domains(State(state): State<AppState>, Query(q): Query<HashMap<String, 
         );
         return (StatusCode::NOT_FOUND, msg).into_response();
     }
-    let audits: Vec<scheduler::AuditState> = {
-        let audits = state.shared.audits.lock().expect("audits lock");
+    let audits: Vec<crate::audits::AuditState> = {
+        let audits = state.shared.audits.lock();
         checks
             .iter()
             .filter(|c| q.get("check").is_none_or(|n| n == *c))

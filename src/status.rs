@@ -278,7 +278,7 @@ pub fn snapshot(shared: &Shared, config: &Config, current: Current) -> Status {
         mail,
         certificates: cert_view(&specs, &last),
         customer_domains: {
-            let audits = shared.audits.lock().expect("audits lock");
+            let audits = shared.audits.lock();
             let mut views: Vec<AuditView> = audits
                 .values()
                 .map(|a| AuditView {
