@@ -38,7 +38,10 @@ enum OutputFormat {
     Json,
 }
 
-const PHASES: [&str; 4] = ["preparation", "window", "switched", "decommission"];
+/// The phase names the CLI accepts: the migration's own list.
+fn phases() -> clap::builder::PossibleValuesParser {
+    migration::Phase::ALL.map(migration::Phase::as_str).into()
+}
 
 #[derive(Subcommand)]
 enum PhaseAction {
@@ -47,7 +50,7 @@ enum PhaseAction {
     /// Set the phase by hand; it wins over the clock until `phase clear` (kept until the daemon restarts).
     Set {
         /// The phase.
-        #[arg(value_parser = PHASES)]
+        #[arg(value_parser = phases())]
         phase: String,
     },
     /// Remove the manual phase: the clock rules again.
@@ -89,7 +92,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
         /// Judge go/no-go as if in this migration phase (default: the phase the clock gives).
-        #[arg(long, value_parser = PHASES)]
+        #[arg(long, value_parser = phases())]
         phase: Option<String>,
     },
     /// Show or set the migration phase of a running daemon, through its API.

@@ -74,6 +74,8 @@ pub struct DnsRow {
     /// When every resolver still answering old will have expired it, as known
     /// after this answer (Unix seconds).
     pub propagation_deadline: Option<f64>,
+    /// The record's expected old and new answers are the same: it does not move.
+    pub unchanged: bool,
 }
 
 /// The `dns` answers among a run's measurements, one per record (also the status page's DNS table).
@@ -96,6 +98,9 @@ pub fn dns_rows(measurements: &[Measurement]) -> Vec<DnsRow> {
                 ttl_seconds: *ttl,
                 query_seconds: *seconds,
                 tcp: *tcp,
+                unchanged: measurements.iter().any(|s| {
+                    matches!(s, Measurement::Dns(Measured::Summary { record: r, rtype: t, unchanged: true, .. }) if r == record && t == rtype)
+                }),
                 propagation_deadline: measurements.iter().find_map(|s| match s {
                     Measurement::Dns(Measured::Summary {
                         record: r,

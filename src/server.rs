@@ -155,77 +155,24 @@ async fn status(State(state): State<AppState>) -> Response {
 /// The last audit of each `hosted_domains` check with its rows, for support:
 /// `?finding=spf_old_ip_literal` (comma-separated: any of them), `?check=NAME`.
 async fn domains(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Response {
-    let filter = match q.get("finding").map(|f| {
-        f.split(',')
-            .map(|f| crate::probe::hosted_domains::Finding::parse(f.trim()))
-            .collect::<Result<Vec<_>, _>>()
-    }) {
-        None => None,
-        Some(Ok(findings)) => Some(findings),
-        Some(Err(e)) => return (StatusCode::BAD_REQUEST, format!("{}\n", sanitize(&e))).into_response(),
-    };
     let config = state.config.read().expect("config lock").clone();
-    let checks: Vec<String> = config
-        .checks
-        .iter()
-        .filter(|c| matches!(c.check.kind, crate::config::KindSpec::HostedDomains(_)))
-        .map(|c| c.check.name.clone())
-        .collect();
-    if let Some(name) = q.get("check")
-        && !checks.contains(name)
-    {
-        let msg = format!(
-            "no hosted_domains check `{}`; configured: {}\n",
-            sanitize(name),
-            if checks.is_empty() {
-                "none".to_string()
-            } else {
-                checks.join(", ")
-            }
-        );
-        return (StatusCode::NOT_FOUND, msg).into_response();
-    }
-    let audits: Vec<crate::audits::AuditState> = {
-        let audits = state.shared.audits.lock();
-        checks
-            .iter()
-            .filter(|c| q.get("check").is_none_or(|n| n == *c))
-            .filter_map(|c| audits.get(c).cloned())
-            .collect()
+    let query = crate::status::domains(
+        &state.shared,
+        &config,
+        q.get("finding").map(String::as_str),
+        q.get("check").map(String::as_str),
+    );
+    let answer = match query {
+        Ok(answer) => answer,
+        Err(crate::status::DomainsError::BadFinding(e)) => {
+            return (StatusCode::BAD_REQUEST, format!("{}\n", sanitize(&e))).into_response();
+        }
+        Err(e @ crate::status::DomainsError::UnknownCheck { .. }) => {
+            return (StatusCode::NOT_FOUND, format!("{e}\n")).into_response();
+        }
     };
-    let pending: Vec<String> = checks
-        .iter()
-        .filter(|c| q.get("check").is_none_or(|n| n == *c) && !audits.iter().any(|a| &a.report.check == *c))
-        .cloned()
-        .collect();
     // Tens of thousands of rows: serialize off the runtime's workers.
-    let body = tokio::task::spawn_blocking(move || {
-        let items: Vec<serde_json::Value> = audits
-            .iter()
-            .map(|a| {
-                let r = &a.report;
-                let rows: Vec<&crate::probe::hosted_domains::DomainRow> = r
-                    .domains
-                    .iter()
-                    .filter(|row| filter.as_ref().is_none_or(|f| f.iter().any(|f| row.has(*f))))
-                    .collect();
-                serde_json::json!({
-                    "check": r.check,
-                    "started_at": r.started_at,
-                    "finished_at": r.started_at + r.duration_seconds,
-                    "duration_seconds": r.duration_seconds,
-                    "domains_audited": r.domains.len(),
-                    "counts": r.counts().iter().map(|(f, n)| (f.as_str(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
-                    "input": r.input,
-                    "domains": rows,
-                    "changes": a.changes,
-                })
-            })
-            .collect();
-        serde_json::to_vec(&serde_json::json!({"audits": items, "pending": pending}))
-    })
-    .await;
-    match body {
+    match tokio::task::spawn_blocking(move || serde_json::to_vec(&answer)).await {
         Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "could not render the audits\n").into_response(),
     }

@@ -149,6 +149,9 @@ pub struct DnsRecordView {
     pub answers: Vec<DnsAnswerView>,
     /// Resolvers answering `new`.
     pub answering_new: usize,
+    /// The expected old and new answers are the same: the record does not
+    /// move, and "answering new" means nothing for it.
+    pub unchanged: bool,
     /// When every cache still serving old should have expired it, Unix seconds.
     pub propagation_deadline: Option<f64>,
 }
@@ -329,6 +332,7 @@ fn dns_view(specs: &[scheduler::InstanceSpec], last: &HashMap<Instance, LastStat
                         rtype: row.rtype,
                         answers: Vec::new(),
                         answering_new: 0,
+                        unchanged: row.unchanged,
                         propagation_deadline: None,
                     });
                     out.last_mut().expect("just pushed")
@@ -428,6 +432,122 @@ fn mail_evidence(config: &Config, mail: &MailView) -> MailEvidence {
         last_delivered,
         fresh_within: 3.0 * slowest,
     }
+}
+
+/// `/api/v1/domains`: the last audit of each (or one) `hosted_domains`
+/// check with its rows, optionally only those with any of some findings.
+#[derive(Debug, Serialize)]
+pub struct DomainsAnswer {
+    /// One entry per check that has finished an audit.
+    pub audits: Vec<AuditAnswer>,
+    /// Checks without a finished audit yet.
+    pub pending: Vec<String>,
+}
+
+/// One check's last audit, as `/api/v1/domains` lists it.
+#[derive(Debug, Serialize)]
+pub struct AuditAnswer {
+    /// The check.
+    pub check: String,
+    /// When the audit started and finished, Unix seconds, and how long it took.
+    pub started_at: f64,
+    /// See `started_at`.
+    pub finished_at: f64,
+    /// See `started_at`.
+    pub duration_seconds: f64,
+    /// Valid, distinct domains audited.
+    pub domains_audited: usize,
+    /// Domains per finding (all of them, filter or not).
+    pub counts: BTreeMap<&'static str, usize>,
+    /// What was skipped in the domains file.
+    pub input: crate::probe::hosted_domains::InputSummary,
+    /// The rows, filtered.
+    pub domains: Vec<crate::probe::hosted_domains::DomainRow>,
+    /// The latest changes, newest last.
+    pub changes: std::collections::VecDeque<crate::probe::hosted_domains::Change>,
+}
+
+/// Why `/api/v1/domains` cannot answer a query.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainsError {
+    /// `?finding=` names no finding.
+    #[error("{0}")]
+    BadFinding(String),
+    /// `?check=` names no `hosted_domains` check.
+    #[error("no hosted_domains check `{name}`; configured: {configured}")]
+    UnknownCheck {
+        /// The name asked for, sanitized.
+        name: String,
+        /// The configured ones, or `none`.
+        configured: String,
+    },
+}
+
+/// The model behind `/api/v1/domains`: `finding` comma-separated (any of
+/// them), `check` one check's name.
+pub fn domains(
+    shared: &Shared,
+    config: &Config,
+    finding: Option<&str>,
+    check: Option<&str>,
+) -> Result<DomainsAnswer, DomainsError> {
+    use crate::probe::hosted_domains::Finding;
+    let filter = finding
+        .map(|f| {
+            f.split(',')
+                .map(|f| Finding::parse(f.trim()))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()
+        .map_err(DomainsError::BadFinding)?;
+    let checks: Vec<String> = config
+        .checks
+        .iter()
+        .filter(|c| c.check.kind.kind() == Kind::HostedDomains)
+        .map(|c| c.check.name.clone())
+        .collect();
+    if let Some(name) = check
+        && !checks.iter().any(|c| c == name)
+    {
+        return Err(DomainsError::UnknownCheck {
+            name: crate::probe::sanitize(name),
+            configured: if checks.is_empty() {
+                "none".to_string()
+            } else {
+                checks.join(", ")
+            },
+        });
+    }
+    let wanted = |c: &String| check.is_none_or(|n| n == c);
+    let audits = shared.audits.lock();
+    let mut answer = DomainsAnswer {
+        audits: Vec::new(),
+        pending: Vec::new(),
+    };
+    for name in checks.iter().filter(|c| wanted(c)) {
+        let Some(a) = audits.get(name) else {
+            answer.pending.push(name.clone());
+            continue;
+        };
+        let r = &a.report;
+        answer.audits.push(AuditAnswer {
+            check: r.check.clone(),
+            started_at: r.started_at,
+            finished_at: r.started_at + r.duration_seconds,
+            duration_seconds: r.duration_seconds,
+            domains_audited: r.domains.len(),
+            counts: r.counts().iter().map(|(f, n)| (f.as_str(), *n)).collect(),
+            input: r.input.clone(),
+            domains: r
+                .domains
+                .iter()
+                .filter(|row| filter.as_ref().is_none_or(|f| f.iter().any(|f| row.has(*f))))
+                .cloned()
+                .collect(),
+            changes: a.changes.clone(),
+        });
+    }
+    Ok(answer)
 }
 
 /// Blanks credential usernames and mail addresses out of server-supplied text.

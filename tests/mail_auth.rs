@@ -206,3 +206,43 @@ fn a_silent_resolver_is_a_timeout_and_a_missing_one_a_dns_failure() {
         "{row}"
     );
 }
+
+/// Go/no-go counts every check that judges new, not only new's own instances:
+/// mail sent from new is rejected while SPF fails for its address, so new is
+/// not ready however green its servers are. A check that judges old only
+/// (`require_pass: [old]`) does not block new.
+#[test]
+fn new_is_not_ready_while_spf_fails_for_its_outbound_address() {
+    lab();
+    let _spf = lab_fault(&["dns", "spf", "old"], &["dns", "spf", "old"]);
+    let plan = "migration:\n  phases:\n    - {name: preparation, start: 2025-01-01T00:00:00Z}\n";
+    let web = "  - {name: web, kind: http, url: \"https://webmail.example.test/\", envs: [new]}\n";
+    let with_ca = |yaml: String| yaml.replace("timeout: 1s}", "timeout: 1s, ca_file: \"{{CA}}\"}");
+    let yaml = with_ca(config(plan, web));
+    let ready = |out: &str| {
+        out.lines()
+            .find(|l| l.contains("Is new ready?"))
+            .unwrap_or_else(|| panic!("no readiness verdict in:\n{out}"))
+            .to_string()
+    };
+    let (code, out, err) = check_cmd(&yaml, &[]);
+    assert_eq!(code, 2, "{out}{err}");
+    let line = ready(&out);
+    assert!(line.contains("NO-GO"), "{line}\n{out}");
+    assert!(line.contains("auth via resolver (content_mismatch)"), "{line}");
+    assert!(!line.contains("web "), "new's own web check passes: {line}");
+
+    // Judging old only: new's failing SPF is visible, not a verdict on new.
+    let old_only = with_ca(config(plan, &format!("    require_pass: [old]\n{web}")));
+    let (code, out, err) = check_cmd(&old_only, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(ready(&out).contains("GO") && !ready(&out).contains("NO-GO"), "{out}");
+
+    // The policy lists new: GO.
+    let _both = lab_fault(&["dns", "spf", "both"], &["dns", "spf", "old"]);
+    let (code, out, err) = check_cmd(&yaml, &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let line = ready(&out);
+    assert!(line.contains("GO") && !line.contains("NO-GO"), "{line}\n{out}");
+    assert!(line.contains("all 2 new instances OK"), "{line}");
+}

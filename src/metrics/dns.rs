@@ -78,10 +78,16 @@ impl KindSeries for Series {
                 resolvers,
                 answering_new,
                 deadline,
+                unchanged,
             }) => {
                 let labels = [check, record, rtype];
-                let ratio = *answering_new as f64 / (*resolvers).max(1) as f64;
-                self.ratio.with_label_values(&labels).set(ratio);
+                // A record that does not move has no cutover to measure.
+                if *unchanged {
+                    let _ = self.ratio.remove_label_values(&labels);
+                } else {
+                    let ratio = *answering_new as f64 / (*resolvers).max(1) as f64;
+                    self.ratio.with_label_values(&labels).set(ratio);
+                }
                 match deadline {
                     Some(at) => self.deadline.with_label_values(&labels).set(*at),
                     None => {

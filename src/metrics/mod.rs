@@ -690,6 +690,7 @@ mod tests {
                     resolvers: 2,
                     answering_new: 1,
                     deadline: Some(1000.0),
+                    unchanged: false,
                 }),
             ];
             o

@@ -58,12 +58,11 @@ pub enum Measured {
         answering_new: usize,
         /// When every resolver still answering old will have expired it, when known.
         deadline: Option<f64>,
+        /// The expected old and new answers are the same: the record does not
+        /// move, so it has no cutover to count.
+        unchanged: bool,
     },
 }
-
-/// Time a query leaves to the check's timeout, so a silent resolver is
-/// published as `timeout` by the probe itself, not cut off by the scheduler.
-const QUERY_MARGIN: Duration = Duration::from_millis(100);
 
 /// How one resolver's answer for one record compares with the expected values.
 /// A closed set: each value is a label value of `cutover_dns_answer_state`.
@@ -213,7 +212,7 @@ impl DnsProbe {
             resolvers,
             port: spec.port,
             records,
-            query_timeout: check.timeout.saturating_sub(QUERY_MARGIN.min(check.timeout / 10)),
+            query_timeout: resolve::query_timeout(check.timeout),
             seen: Mutex::new(HashMap::new()),
         })
     }
@@ -332,6 +331,7 @@ impl Probe for DnsProbe {
                     resolvers,
                     answering_new,
                     deadline,
+                    unchanged: record.old == record.new,
                 }));
             }
             drop(seen);

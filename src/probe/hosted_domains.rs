@@ -849,7 +849,7 @@ fn mechanism_text(m: &Mechanism) -> String {
 
 /// Each TXT record of a reply as text (the SPF probe's reading of TXT sets).
 fn txt_records(msg: &Message) -> Vec<String> {
-    super::mail_auth::txt_strings(msg)
+    crate::resolve::txt_strings(msg)
         .into_iter()
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .collect()

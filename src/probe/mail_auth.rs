@@ -80,10 +80,6 @@ pub enum Measured {
     },
 }
 
-/// Time a query leaves to the check's timeout, so a silent resolver is
-/// reported by the probe itself, with its metrics, not cut off by the scheduler.
-const QUERY_MARGIN: Duration = Duration::from_millis(100);
-
 /// Reverse names followed per address, as SPF's `ptr` does (RFC 7208 §5.5).
 const MAX_PTR_NAMES: usize = 10;
 
@@ -265,7 +261,7 @@ impl MailAuthProbe {
             require_pass,
             dkim_selector: spec.dkim_selector.clone(),
             helo,
-            query_timeout: check.timeout.saturating_sub(QUERY_MARGIN.min(check.timeout / 10)),
+            query_timeout: resolve::query_timeout(check.timeout),
         })
     }
 
@@ -303,7 +299,7 @@ impl MailAuthProbe {
     async fn record_parses<T: TxtRecordParser>(&self, name: &str, problems: &Mutex<Vec<Failure>>) -> bool {
         self.ask(name, RecordType::TXT, problems)
             .await
-            .is_some_and(|msg| first_parsed::<T>(&txt_strings(&msg)).is_ok())
+            .is_some_and(|msg| first_parsed::<T>(&resolve::txt_strings(&msg)).is_ok())
     }
 
     /// Forward-confirmed reverse DNS: a PTR name of `ip` resolves to `ip`.
@@ -505,7 +501,7 @@ fn spf_entry(reply: Option<&Message>, server: SocketAddr) -> Txt {
     let Some(msg) = reply else {
         return error(DnsError::Resolver(format!("no answer from {server}")));
     };
-    let records = txt_strings(msg);
+    let records = resolve::txt_strings(msg);
     if msg.metadata.response_code == ResponseCode::NXDomain || records.is_empty() {
         return error(DnsError::RecordNotFound(msg.metadata.response_code));
     }
@@ -523,20 +519,6 @@ fn first_parsed<T: TxtRecordParser>(records: &[Vec<u8>]) -> mail_auth::Result<T>
         }
     }
     result
-}
-
-/// Each TXT record of an answer, its character strings joined.
-pub(crate) fn txt_strings(msg: &Message) -> Vec<Vec<u8>> {
-    if msg.metadata.response_code != ResponseCode::NoError {
-        return Vec::new();
-    }
-    msg.answers
-        .iter()
-        .filter_map(|r| match &r.data {
-            RData::TXT(txt) => Some(txt.txt_data.iter().flat_map(|s| s.iter().copied()).collect()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[cfg(test)]
