@@ -68,6 +68,46 @@ fn assert_clean(args: &[&str]) {
     );
 }
 
+/// A Prometheus duration (`90s`, `1h30m`, `2m`) in seconds.
+fn prom_seconds(text: &str) -> f64 {
+    let re = Regex::new(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)").unwrap();
+    assert!(
+        re.replace_all(text, "").is_empty() && !text.is_empty(),
+        "not a Prometheus duration: {text:?}"
+    );
+    re.captures_iter(text)
+        .map(|c| {
+            let n: f64 = c[1].parse().unwrap();
+            n * match &c[2] {
+                "ms" => 0.001,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                "d" => 86400.0,
+                "w" => 7.0 * 86400.0,
+                _ => 365.0 * 86400.0,
+            }
+        })
+        .sum()
+}
+
+/// The metric name of an `input_series` entry (`name{labels}`).
+fn series_metric(series: &str) -> &str {
+    series.split('{').next().unwrap().trim()
+}
+
+/// Every rule is unit-tested both ways: a case where it fires, and a
+/// *healthy* case. An `alert_rule_test` with `exp_alerts: []` (or none)
+/// counts as healthy for rule R only when
+/// 1. its `eval_time` is at least R's `for:` (the rule had time to fire);
+/// 2. every metric R's expression names has an input series in that test
+///    (a recording rule counts when any metric of its own expression does):
+///    the silence is not merely missing series;
+/// 3. the case still holds with every `for:` cut to 0: R's expression itself
+///    is false at that time (healthy values), not a `for:` still pending.
+///
+/// (3) is checked by running promtool on one generated test file per
+/// candidate, against a copy of the rules without `for:`.
 #[test]
 fn alert_rules_are_clean_and_every_rule_is_unit_tested_both_ways() {
     assert_clean(&["check", "rules", "alerts.yml"]);
@@ -79,37 +119,118 @@ fn alert_rules_are_clean_and_every_rule_is_unit_tested_both_ways() {
     let tests: serde_yaml::Value =
         serde_yaml::from_str(&read(&dashboards().join("alerts.test.yml"))).expect("alerts.test.yml is YAML");
     let cases = tests["tests"].as_sequence().expect("tests");
-    // alertname -> (a case where it fires, a case where it must not).
-    let mut seen: BTreeMap<String, (bool, bool)> = BTreeMap::new();
-    let mut recorded = BTreeSet::new();
+    let recorded: BTreeMap<&str, BTreeSet<String>> = rules(&file)
+        .iter()
+        .filter_map(|r| Some((r["record"].as_str()?, metric_names(r["expr"].as_str()?))))
+        .collect();
+    let alerts: BTreeMap<&str, &serde_yaml::Value> = rules(&file)
+        .into_iter()
+        .filter_map(|r| Some((r["alert"].as_str()?, r)))
+        .collect();
+
+    // Alertnames with a firing case; candidate healthy cases as standalone
+    // promtool test groups, with the alertname each one stands for.
+    let mut fires = BTreeSet::new();
+    let mut candidates: Vec<(String, serde_yaml::Value)> = Vec::new();
+    let mut tested = BTreeSet::new();
+    let mut expressions_tested = BTreeSet::new();
     for case in cases {
+        let present: BTreeSet<&str> = case["input_series"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .map(|s| series_metric(s["series"].as_str().expect("series")))
+            .collect();
         for t in case["alert_rule_test"].as_sequence().into_iter().flatten() {
             let name = t["alertname"].as_str().unwrap().to_string();
-            let fires = t["exp_alerts"].as_sequence().is_some_and(|a| !a.is_empty());
-            let entry = seen.entry(name).or_default();
-            if fires {
-                entry.0 = true;
-            } else {
-                entry.1 = true;
+            tested.insert(name.clone());
+            if t["exp_alerts"].as_sequence().is_some_and(|a| !a.is_empty()) {
+                fires.insert(name);
+                continue;
+            }
+            let Some(rule) = alerts.get(name.as_str()) else {
+                continue;
+            };
+            let for_secs = rule["for"].as_str().map_or(0.0, prom_seconds);
+            let eval = prom_seconds(t["eval_time"].as_str().expect("eval_time"));
+            let all_present = metric_names(rule["expr"].as_str().unwrap()).iter().all(|m| {
+                present.contains(m.as_str())
+                    || recorded
+                        .get(m.as_str())
+                        .is_some_and(|src| src.iter().any(|s| present.contains(s.as_str())))
+            });
+            if eval >= for_secs && all_present {
+                let mut group = case.clone();
+                let g = group.as_mapping_mut().unwrap();
+                g.remove("promql_expr_test");
+                g.insert("alert_rule_test".into(), serde_yaml::Value::Sequence(vec![t.clone()]));
+                candidates.push((name, group));
             }
         }
         for t in case["promql_expr_test"].as_sequence().into_iter().flatten() {
-            recorded.insert(t["expr"].as_str().unwrap().to_string());
+            expressions_tested.insert(t["expr"].as_str().unwrap().to_string());
         }
     }
+
+    // (3): the candidates against the rules without `for:`.
+    let dir = tempfile::tempdir().unwrap();
+    let mut no_for = file.clone();
+    for group in no_for["groups"].as_sequence_mut().unwrap() {
+        for rule in group["rules"].as_sequence_mut().unwrap() {
+            rule.as_mapping_mut().unwrap().remove("for");
+        }
+    }
+    let rules_path = dir.path().join("alerts-without-for.yml");
+    std::fs::write(&rules_path, serde_yaml::to_string(&no_for).unwrap()).unwrap();
+    let mut files = Vec::new();
+    for (i, (_, group)) in candidates.iter().enumerate() {
+        let mut test_file = serde_yaml::Mapping::new();
+        test_file.insert(
+            "rule_files".into(),
+            serde_yaml::Value::Sequence(vec![rules_path.to_str().unwrap().into()]),
+        );
+        test_file.insert("evaluation_interval".into(), tests["evaluation_interval"].clone());
+        test_file.insert("tests".into(), serde_yaml::Value::Sequence(vec![group.clone()]));
+        let path = dir.path().join(format!("healthy-{i}.yml"));
+        std::fs::write(&path, serde_yaml::to_string(&test_file).unwrap()).unwrap();
+        files.push(path.to_str().unwrap().to_string());
+    }
+    let args: Vec<&str> = std::iter::once("test")
+        .chain(std::iter::once("rules"))
+        .chain(files.iter().map(String::as_str))
+        .collect();
+    let (_, report) = promtool(&args);
+    // promtool reports each file as "Unit Testing:  FILE" then SUCCESS or FAILED.
+    let mut passed = BTreeSet::new();
+    for section in report.split("Unit Testing:").skip(1) {
+        let (path, result) = section.split_once('\n').unwrap_or((section, ""));
+        if result.trim_start().starts_with("SUCCESS") {
+            passed.insert(path.trim().to_string());
+        }
+    }
+    let healthy: BTreeSet<&str> = candidates
+        .iter()
+        .zip(&files)
+        .filter(|(_, f)| passed.contains(f.as_str()))
+        .map(|((name, _), _)| name.as_str())
+        .collect();
+
     for rule in rules(&file) {
         if let Some(record) = rule["record"].as_str() {
             assert!(
-                recorded.contains(record),
+                expressions_tested.contains(record),
                 "recording rule {record} has no promql_expr_test"
             );
             continue;
         }
         let name = rule["alert"].as_str().expect("alert or record");
-        assert_eq!(
-            seen.get(name),
-            Some(&(true, true)),
-            "{name} needs a test where it fires and one where it must not (fires, silent)"
+        assert!(tested.contains(name), "{name} has no alert_rule_test");
+        assert!(fires.contains(name), "{name} needs a test where it fires");
+        assert!(
+            healthy.contains(name),
+            "{name} needs a healthy case: `exp_alerts: []` at an eval_time past its `for:`, \
+             with every metric its expression names in input_series, that stays silent with \
+             `for:` cut to 0 (see this test's doc comment)\npromtool on the candidates:\n{report}"
         );
         let labels = &rule["labels"];
         let severity = labels["severity"].as_str().unwrap_or_default();
