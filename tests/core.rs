@@ -164,7 +164,7 @@ fn live_follows_the_dns_switch() {
         5 * SECS,
     );
     {
-        let _restore = lab_fault(&["dns", "set", "new"], &["dns", "set", "old"]);
+        let _restore = common::dns_fault("new");
         d.wait_for(
             "cutover_live_resolved_env_info",
             &[("check", "webmail"), ("resolved_env", "new"), ("address", "127.0.0.20")],

@@ -13,7 +13,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, lab, lab_fault, lab_script};
+use common::{Daemon, lab, lab_script};
 use cutover_monitor::probe::mailflow::marker;
 
 const USER: &str = "other";
@@ -710,7 +710,7 @@ fn live_follows_the_mx_switch_and_the_ledger_shows_where_each_mail_landed() {
         |v| v >= 2.0,
         Duration::from_secs(30),
     );
-    let _dns = lab_fault(&["dns", "set", "new"], &["dns", "set", "old"]);
+    let _dns = common::dns_fault("new");
     d.wait_for(
         "cutover_mail_delivered_total",
         &[("route", "live"), ("delivered_env", "new")],
