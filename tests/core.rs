@@ -164,7 +164,7 @@ fn live_follows_the_dns_switch() {
         5 * SECS,
     );
     {
-        let _restore = lab_fault(&["dns", "set", "new"], &["dns", "set", "old"]);
+        let _restore = common::dns_fault("new");
         d.wait_for(
             "cutover_live_resolved_env_info",
             &[("check", "webmail"), ("resolved_env", "new"), ("address", "127.0.0.20")],
@@ -519,13 +519,56 @@ fn sigterm_stops_the_daemon_within_a_second() {
 
 #[test]
 fn the_webmail_http_redirect_is_followed_to_https_on_the_same_pinned_address() {
-    lab();
-    let yaml = "defaults: {ca_file: \"{{CA}}\"}\nenvironments:\n  new: {addresses: [127.0.0.20]}\nchecks:\n  - {name: w, kind: http, url: \"http://webmail.example.test/\", expect: {body_contains: \"environment: new\"}}\n  - {name: no-follow, kind: http, url: \"http://webmail.example.test/\", max_redirects: 0, expect: {status: [301]}}\n";
-    let (code, out, err) = check_cmd(yaml, &["--format", "json"]);
+    let lab = lab();
+    // A query string no other request carries: nginx's redirect keeps it, so
+    // each environment's access log shows where both hops went. The lab's DNS
+    // hands out old's address: following the redirect through DNS would land there.
+    let nonce = format!(
+        "redirect-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let yaml = format!(
+        "defaults: {{ca_file: \"{{{{CA}}}}\"}}\nenvironments:\n  new: {{addresses: [127.0.0.20]}}\nchecks:\n  - {{name: w, kind: http, url: \"http://webmail.example.test/?t={nonce}\", expect: {{body_contains: \"environment: new\"}}}}\n  - {{name: no-follow, kind: http, url: \"http://webmail.example.test/\", max_redirects: 0, expect: {{status: [301]}}}}\n"
+    );
+    let (code, out, err) = check_cmd(&yaml, &["--format", "json"]);
     assert_eq!(code, 0, "{out}{err}");
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let phases = rows[0]["phases"].as_array().unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["check"] == "w")
+        .unwrap_or_else(|| panic!("no row for w: {out}"));
+    assert_eq!(row["address"], "127.0.0.20", "{out}");
+    assert_eq!(row["success"], true, "{out}");
+    let phases = row["phases"].as_array().unwrap();
     assert!(phases.iter().any(|p| p[0] == "tls"), "the redirect led to TLS: {out}");
+    // Both hops reached new's nginx (127.0.0.20): the 301 on port 80, then
+    // the 200, which only its port 443 serves for `/`; old's never saw it.
+    let access_log = |env: &str| {
+        let path = std::path::Path::new(lab.var("DIR")).join(format!("log/{env}-nginx-access.log"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    };
+    let new_log: Vec<String> = access_log("new")
+        .lines()
+        .filter(|l| l.contains(&nonce))
+        .map(str::to_string)
+        .collect();
+    let request = format!("\"GET /?t={nonce} HTTP/1.1\"");
+    for status in ["301", "200"] {
+        assert!(
+            new_log.iter().any(|l| l.contains(&format!("{request} {status} "))),
+            "new's nginx did not answer {request} with {status}: {new_log:#?}"
+        );
+    }
+    assert!(
+        !access_log("old").contains(&nonce),
+        "the redirect was followed to old's address"
+    );
 }
 
 #[test]

@@ -3,8 +3,12 @@
 
 mod common;
 
-use cutover_monitor::metrics::CATALOG;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use cutover_monitor::metrics::{CATALOG, INSTANCE_LABELS};
 use cutover_monitor::probe::FailureReason;
+use regex::Regex;
 
 fn readme() -> String {
     std::fs::read_to_string(common::root().join("README.md")).unwrap()
@@ -19,6 +23,112 @@ fn every_metric_is_in_the_readme_reference() {
             "README lacks a row for {name}"
         );
         assert!(!help.is_empty() && name.starts_with("cutover_"), "{name}");
+    }
+}
+
+/// The README's metrics table: name -> (type, label names). "extra labels"
+/// empty or a list means the instance labels plus those; `only ...` exactly
+/// those; `none` no labels.
+fn readme_metrics() -> BTreeMap<String, (String, BTreeSet<String>)> {
+    let readme = readme();
+    let section = readme
+        .split("\n## Metrics reference\n")
+        .nth(1)
+        .expect("README has \"## Metrics reference\"")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let ticked = Regex::new(r"`([a-z0-9_]+)`").unwrap();
+    let mut out = BTreeMap::new();
+    for line in section.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let name = cells[1].trim_matches('`').to_string();
+        let labels_cell = cells[3];
+        let mut labels: BTreeSet<String> = ticked.captures_iter(labels_cell).map(|c| c[1].to_string()).collect();
+        if labels_cell.is_empty() || !(labels_cell.starts_with("only ") || labels_cell == "none") {
+            labels.extend(INSTANCE_LABELS.iter().map(|l| l.to_string()));
+        }
+        assert!(
+            out.insert(name.clone(), (cells[2].to_string(), labels)).is_none(),
+            "README lists {name} twice"
+        );
+    }
+    out
+}
+
+/// Families that only appear with their first event (the ledger creates
+/// them lazily), so a healthy lab never exposes them; each must still be
+/// declared.
+const LAZY: &[&str] = &[
+    "cutover_mail_late_total",
+    "cutover_mail_lost_total",
+    "cutover_mail_duplicates_total",
+    "cutover_mail_send_failures_total",
+];
+
+#[test]
+fn the_readme_metrics_table_matches_what_the_daemon_exposes_both_ways() {
+    common::lab();
+    let documented = readme_metrics();
+    // checks/lab.yaml runs every kind; at a test's pace.
+    let mut config: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(common::root().join("checks/lab.yaml")).unwrap()).unwrap();
+    config["defaults"]["interval"] = "2s".into();
+    config["defaults"]["timeout"] = "1500ms".into();
+    for check in config["checks"].as_sequence_mut().unwrap() {
+        if check["kind"] == "mailflow" {
+            check["interval"] = "3s".into();
+        }
+    }
+    let d = common::Daemon::start(&serde_yaml::to_string(&config).unwrap());
+    // type and label names of every exposed family (histograms without `le`).
+    let exposed = |scrape: &common::Scrape| -> BTreeMap<String, (String, BTreeSet<String>)> {
+        let mut out: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
+        for line in scrape.text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                out.insert(name.to_string(), (kind.to_string(), BTreeSet::new()));
+            }
+        }
+        for (name, (kind, labels)) in out.iter_mut() {
+            let series = if kind == "histogram" {
+                scrape.series(&format!("{name}_count"))
+            } else {
+                scrape.series(name)
+            };
+            labels.extend(series.into_iter().flat_map(|(ls, _)| ls.into_iter().map(|(k, _)| k)));
+        }
+        out
+    };
+    let want: Vec<&String> = documented.keys().filter(|n| !LAZY.contains(&n.as_str())).collect();
+    let scrape = d.wait_until(
+        "every documented family but the lazy ones exposed",
+        |s| {
+            let e = exposed(s);
+            want.iter().all(|n| e.contains_key(*n))
+        },
+        Duration::from_secs(60),
+    );
+    let exposed = exposed(&scrape);
+    for (name, (kind, labels)) in &exposed {
+        if name.starts_with("process_") {
+            continue; // "Plus the standard process_* metrics"
+        }
+        let (doc_kind, doc_labels) = documented
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is exposed but has no README row"));
+        assert_eq!(doc_kind, kind, "{name}: README type");
+        assert_eq!(doc_labels, labels, "{name}: README labels");
+    }
+    for name in documented.keys() {
+        assert!(
+            CATALOG.iter().any(|(n, _)| n == name),
+            "README row {name} is no declared metric"
+        );
+        assert!(
+            exposed.contains_key(name) || LAZY.contains(&name.as_str()),
+            "README row {name} is not exposed"
+        );
     }
 }
 

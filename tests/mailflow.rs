@@ -13,7 +13,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, lab, lab_fault, lab_script};
+use common::{Daemon, lab, lab_script};
 use cutover_monitor::probe::mailflow::marker;
 
 const USER: &str = "other";
@@ -197,6 +197,33 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 fn value(d: &Daemon, name: &str, labels: &[(&str, &str)]) -> f64 {
     d.scrape().get(name, labels).unwrap_or(0.0)
+}
+
+/// `late_after`/`lost_after` short enough that a missing mail is declared
+/// lost within a test.
+const SHORT_AGES: &str = "    late_after: 5s\n    lost_after: 15s\n";
+/// `lost_after` of [`SHORT_AGES`].
+const SHORT_LOST_AFTER: Duration = Duration::from_secs(15);
+
+/// Waits until every mail accepted so far is settled — delivered, or lost
+/// once [`SHORT_LOST_AFTER`] has passed — then asserts none was lost, in the
+/// ledger and in `cutover_mail_lost_total`.
+fn settle_then_assert_none_lost(d: &Daemon, storage: &Path, labels: &[(&str, &str)]) {
+    let now = cutover_monitor::unix_now();
+    wait_until(
+        "every mail accepted so far delivered or lost",
+        SHORT_LOST_AFTER + Duration::from_secs(10),
+        || {
+            count(
+                &ledger(storage),
+                &format!("SELECT COUNT(*) FROM mails WHERE state = 'sent' AND accepted < {now}"),
+            ) == 0
+        },
+    );
+    let db = ledger(storage);
+    let lost: Vec<String> = column(&db, "SELECT id FROM mails WHERE state = 'lost'");
+    assert!(lost.is_empty(), "lost mails: {lost:?}\nlog:\n{}", d.logs());
+    assert_eq!(value(d, "cutover_mail_lost_total", labels), 0.0);
 }
 
 #[test]
@@ -524,7 +551,9 @@ fn a_reinjected_probe_mail_counts_once_as_a_duplicate() {
 fn a_watcher_reconnects_after_dovecot_restarts_and_misses_nothing() {
     let storage = tempfile::tempdir().unwrap();
     let _purge = PurgeOnDrop(storage.path().to_owned());
-    let d = start(&config("2s", "1500ms", "", "new", SUBMISSION), storage.path());
+    // lost_after in seconds, so a mail the restart made the watcher miss is
+    // counted lost within this test (the default 15m never would be).
+    let d = start(&config("2s", "1500ms", SHORT_AGES, "new", SUBMISSION), storage.path());
     let labels = [("check", "flow"), ("route", "new")];
     d.wait_for(
         "cutover_mail_delivered_total",
@@ -542,14 +571,7 @@ fn a_watcher_reconnects_after_dovecot_restarts_and_misses_nothing() {
     );
     assert!(d.logs().contains("reconnecting"), "{}", d.logs());
     // Everything accepted so far is found: nothing went missing while the watcher was away.
-    wait_until("nothing in flight", Duration::from_secs(20), || {
-        let db = ledger(storage.path());
-        count(
-            &db,
-            "SELECT COUNT(*) FROM mails WHERE state = 'sent' AND accepted < strftime('%s','now') - 5",
-        ) == 0
-    });
-    assert_eq!(value(&d, "cutover_mail_lost_total", &labels), 0.0);
+    settle_then_assert_none_lost(&d, storage.path(), &labels);
     let (instance, _) = identity(storage.path());
     drop(d);
     purge(&format!("instance={instance}"));
@@ -680,7 +702,7 @@ fn live_follows_the_mx_switch_and_the_ledger_shows_where_each_mail_landed() {
     let storage = tempfile::tempdir().unwrap();
     let _purge = PurgeOnDrop(storage.path().to_owned());
     let mx = "{mode: mx, host: mx.example.test, to: other@example.test}";
-    let d = start(&config("2s", "1500ms", "", "live", mx), storage.path());
+    let d = start(&config("2s", "1500ms", SHORT_AGES, "live", mx), storage.path());
     let labels = [("check", "flow"), ("route", "live")];
     d.wait_for(
         "cutover_mail_delivered_total",
@@ -688,7 +710,7 @@ fn live_follows_the_mx_switch_and_the_ledger_shows_where_each_mail_landed() {
         |v| v >= 2.0,
         Duration::from_secs(30),
     );
-    let _dns = lab_fault(&["dns", "set", "new"], &["dns", "set", "old"]);
+    let _dns = common::dns_fault("new");
     d.wait_for(
         "cutover_mail_delivered_total",
         &[("route", "live"), ("delivered_env", "new")],
@@ -707,7 +729,8 @@ fn live_follows_the_mx_switch_and_the_ledger_shows_where_each_mail_landed() {
         "{landed:?}"
     );
     assert!(landed[first_new..].iter().all(|e| e == "new"), "{landed:?}");
-    assert_eq!(value(&d, "cutover_mail_lost_total", &labels), 0.0);
+    // No mail sent around the switch went missing.
+    settle_then_assert_none_lost(&d, storage.path(), &labels);
     let (instance, _) = identity(storage.path());
     drop(d);
     purge(&format!("instance={instance}"));

@@ -68,6 +68,46 @@ fn assert_clean(args: &[&str]) {
     );
 }
 
+/// A Prometheus duration (`90s`, `1h30m`, `2m`) in seconds.
+fn prom_seconds(text: &str) -> f64 {
+    let re = Regex::new(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)").unwrap();
+    assert!(
+        re.replace_all(text, "").is_empty() && !text.is_empty(),
+        "not a Prometheus duration: {text:?}"
+    );
+    re.captures_iter(text)
+        .map(|c| {
+            let n: f64 = c[1].parse().unwrap();
+            n * match &c[2] {
+                "ms" => 0.001,
+                "s" => 1.0,
+                "m" => 60.0,
+                "h" => 3600.0,
+                "d" => 86400.0,
+                "w" => 7.0 * 86400.0,
+                _ => 365.0 * 86400.0,
+            }
+        })
+        .sum()
+}
+
+/// The metric name of an `input_series` entry (`name{labels}`).
+fn series_metric(series: &str) -> &str {
+    series.split('{').next().unwrap().trim()
+}
+
+/// Every rule is unit-tested both ways: a case where it fires, and a
+/// *healthy* case. An `alert_rule_test` with `exp_alerts: []` (or none)
+/// counts as healthy for rule R only when
+/// 1. its `eval_time` is at least R's `for:` (the rule had time to fire);
+/// 2. every metric R's expression names has an input series in that test
+///    (a recording rule counts when any metric of its own expression does):
+///    the silence is not merely missing series;
+/// 3. the case still holds with every `for:` cut to 0: R's expression itself
+///    is false at that time (healthy values), not a `for:` still pending.
+///
+/// (3) is checked by running promtool on one generated test file per
+/// candidate, against a copy of the rules without `for:`.
 #[test]
 fn alert_rules_are_clean_and_every_rule_is_unit_tested_both_ways() {
     assert_clean(&["check", "rules", "alerts.yml"]);
@@ -79,37 +119,118 @@ fn alert_rules_are_clean_and_every_rule_is_unit_tested_both_ways() {
     let tests: serde_yaml::Value =
         serde_yaml::from_str(&read(&dashboards().join("alerts.test.yml"))).expect("alerts.test.yml is YAML");
     let cases = tests["tests"].as_sequence().expect("tests");
-    // alertname -> (a case where it fires, a case where it must not).
-    let mut seen: BTreeMap<String, (bool, bool)> = BTreeMap::new();
-    let mut recorded = BTreeSet::new();
+    let recorded: BTreeMap<&str, BTreeSet<String>> = rules(&file)
+        .iter()
+        .filter_map(|r| Some((r["record"].as_str()?, metric_names(r["expr"].as_str()?))))
+        .collect();
+    let alerts: BTreeMap<&str, &serde_yaml::Value> = rules(&file)
+        .into_iter()
+        .filter_map(|r| Some((r["alert"].as_str()?, r)))
+        .collect();
+
+    // Alertnames with a firing case; candidate healthy cases as standalone
+    // promtool test groups, with the alertname each one stands for.
+    let mut fires = BTreeSet::new();
+    let mut candidates: Vec<(String, serde_yaml::Value)> = Vec::new();
+    let mut tested = BTreeSet::new();
+    let mut expressions_tested = BTreeSet::new();
     for case in cases {
+        let present: BTreeSet<&str> = case["input_series"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .map(|s| series_metric(s["series"].as_str().expect("series")))
+            .collect();
         for t in case["alert_rule_test"].as_sequence().into_iter().flatten() {
             let name = t["alertname"].as_str().unwrap().to_string();
-            let fires = t["exp_alerts"].as_sequence().is_some_and(|a| !a.is_empty());
-            let entry = seen.entry(name).or_default();
-            if fires {
-                entry.0 = true;
-            } else {
-                entry.1 = true;
+            tested.insert(name.clone());
+            if t["exp_alerts"].as_sequence().is_some_and(|a| !a.is_empty()) {
+                fires.insert(name);
+                continue;
+            }
+            let Some(rule) = alerts.get(name.as_str()) else {
+                continue;
+            };
+            let for_secs = rule["for"].as_str().map_or(0.0, prom_seconds);
+            let eval = prom_seconds(t["eval_time"].as_str().expect("eval_time"));
+            let all_present = metric_names(rule["expr"].as_str().unwrap()).iter().all(|m| {
+                present.contains(m.as_str())
+                    || recorded
+                        .get(m.as_str())
+                        .is_some_and(|src| src.iter().any(|s| present.contains(s.as_str())))
+            });
+            if eval >= for_secs && all_present {
+                let mut group = case.clone();
+                let g = group.as_mapping_mut().unwrap();
+                g.remove("promql_expr_test");
+                g.insert("alert_rule_test".into(), serde_yaml::Value::Sequence(vec![t.clone()]));
+                candidates.push((name, group));
             }
         }
         for t in case["promql_expr_test"].as_sequence().into_iter().flatten() {
-            recorded.insert(t["expr"].as_str().unwrap().to_string());
+            expressions_tested.insert(t["expr"].as_str().unwrap().to_string());
         }
     }
+
+    // (3): the candidates against the rules without `for:`.
+    let dir = tempfile::tempdir().unwrap();
+    let mut no_for = file.clone();
+    for group in no_for["groups"].as_sequence_mut().unwrap() {
+        for rule in group["rules"].as_sequence_mut().unwrap() {
+            rule.as_mapping_mut().unwrap().remove("for");
+        }
+    }
+    let rules_path = dir.path().join("alerts-without-for.yml");
+    std::fs::write(&rules_path, serde_yaml::to_string(&no_for).unwrap()).unwrap();
+    let mut files = Vec::new();
+    for (i, (_, group)) in candidates.iter().enumerate() {
+        let mut test_file = serde_yaml::Mapping::new();
+        test_file.insert(
+            "rule_files".into(),
+            serde_yaml::Value::Sequence(vec![rules_path.to_str().unwrap().into()]),
+        );
+        test_file.insert("evaluation_interval".into(), tests["evaluation_interval"].clone());
+        test_file.insert("tests".into(), serde_yaml::Value::Sequence(vec![group.clone()]));
+        let path = dir.path().join(format!("healthy-{i}.yml"));
+        std::fs::write(&path, serde_yaml::to_string(&test_file).unwrap()).unwrap();
+        files.push(path.to_str().unwrap().to_string());
+    }
+    let args: Vec<&str> = std::iter::once("test")
+        .chain(std::iter::once("rules"))
+        .chain(files.iter().map(String::as_str))
+        .collect();
+    let (_, report) = promtool(&args);
+    // promtool reports each file as "Unit Testing:  FILE" then SUCCESS or FAILED.
+    let mut passed = BTreeSet::new();
+    for section in report.split("Unit Testing:").skip(1) {
+        let (path, result) = section.split_once('\n').unwrap_or((section, ""));
+        if result.trim_start().starts_with("SUCCESS") {
+            passed.insert(path.trim().to_string());
+        }
+    }
+    let healthy: BTreeSet<&str> = candidates
+        .iter()
+        .zip(&files)
+        .filter(|(_, f)| passed.contains(f.as_str()))
+        .map(|((name, _), _)| name.as_str())
+        .collect();
+
     for rule in rules(&file) {
         if let Some(record) = rule["record"].as_str() {
             assert!(
-                recorded.contains(record),
+                expressions_tested.contains(record),
                 "recording rule {record} has no promql_expr_test"
             );
             continue;
         }
         let name = rule["alert"].as_str().expect("alert or record");
-        assert_eq!(
-            seen.get(name),
-            Some(&(true, true)),
-            "{name} needs a test where it fires and one where it must not (fires, silent)"
+        assert!(tested.contains(name), "{name} has no alert_rule_test");
+        assert!(fires.contains(name), "{name} needs a test where it fires");
+        assert!(
+            healthy.contains(name),
+            "{name} needs a healthy case: `exp_alerts: []` at an eval_time past its `for:`, \
+             with every metric its expression names in input_series, that stays silent with \
+             `for:` cut to 0 (see this test's doc comment)\npromtool on the candidates:\n{report}"
         );
         let labels = &rule["labels"];
         let severity = labels["severity"].as_str().unwrap_or_default();
@@ -523,6 +644,39 @@ impl Prometheus {
         data["alerts"].as_array().cloned().unwrap_or_default()
     }
 
+    /// `lastEvaluation` of alerting rule `name`, as /api/v1/rules reports it.
+    fn last_evaluation(&self, name: &str) -> Option<String> {
+        let data = self.api("/api/v1/rules?type=alert").ok()?;
+        data["groups"]
+            .as_array()?
+            .iter()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .find(|r| r["name"] == name)
+            .and_then(|r| r["lastEvaluation"].as_str().map(str::to_string))
+    }
+
+    /// Waits until alerting rule `name` has finished two evaluations after
+    /// this call: the one in progress at the call may have started before
+    /// the data the caller saw; the next one started after it.
+    fn wait_rule_evaluated(&self, name: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last = self.last_evaluation(name);
+        let mut evaluations = 0;
+        while evaluations < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "rule {name} not evaluated twice within {timeout:?} (last {last:?})\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.last_evaluation(name);
+            if now.is_some() && now != last {
+                evaluations += 1;
+                last = now;
+            }
+        }
+    }
+
     /// Waits until `expr` returns something.
     fn wait_for(&self, expr: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
@@ -614,8 +768,9 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus_scraping_the_lab() 
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+    // closed-port fails in old: the failure panels have data for the pick too.
     let picked: BTreeMap<String, String> = [
-        ("check", "(imap|mailflow)"),
+        ("check", "(imap|mailflow|closed-port)"),
         ("env", "(old|new)"),
         ("job", "cutover-monitor"),
     ]
@@ -659,11 +814,55 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus_scraping_the_lab() 
         "queries returning nothing (or data although listed in EXPECTED_EMPTY):\n{}\n(the lab's DNS must be in its default state `old` for the deadline panels)",
         wrong.join("\n")
     );
-    // A pick of values, as Grafana writes a multi-value selection, still parses.
-    for q in &queries {
-        let expr = substitute(&q.expr, &picked);
-        prom.query(&expr).unwrap_or_else(|e| panic!("{}: {e}\n{expr}", q.place));
-    }
+    // A pick of values, as Grafana writes a multi-value selection: every
+    // query that uses a variable returns data exactly when Prometheus has
+    // series of its metrics for the picked values (the lab provides imap and
+    // mailflow in old and new, not dns, mail-auth or customer-domains), and
+    // what it returns carries only picked values. So a variable that is not
+    // applied, or filters everything away, fails here.
+    let uses = |expr: &str, var: &str| expr.contains(&format!("${var}")) || expr.contains(&format!("${{{var}}}"));
+    let pick_matches = |var: &str, value: &str| Regex::new(&format!("^(?:{})$", picked[var])).unwrap().is_match(value);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wrong = loop {
+        let mut wrong = Vec::new();
+        for q in queries
+            .iter()
+            .filter(|q| ["check", "env", "job"].iter().any(|v| uses(&q.expr, v)))
+        {
+            let expr = substitute(&q.expr, &picked);
+            let result = prom.query(&expr).unwrap_or_else(|e| panic!("{}: {e}\n{expr}", q.place));
+            let names: Vec<String> = metric_names(&q.expr).into_iter().collect();
+            let mut selector = format!("__name__=~\"{}\"", names.join("|"));
+            for var in ["check", "env", "job"].into_iter().filter(|v| uses(&q.expr, v)) {
+                selector.push_str(&format!(",{var}=~\"{}\"", picked[var]));
+            }
+            let present = prom
+                .query(&format!("group({{{selector}}})"))
+                .unwrap_or_else(|e| panic!("{}: {e}\n{selector}", q.place));
+            if present.is_empty() != result.is_empty() {
+                wrong.push(format!(
+                    "{}: {} series, although the lab has {} series of {{{selector}}}\n  {expr}",
+                    q.place,
+                    result.len(),
+                    if present.is_empty() { "no" } else { "some" },
+                ));
+            }
+            for series in &result {
+                for var in ["check", "env"].into_iter().filter(|v| uses(&q.expr, v)) {
+                    if let Some(value) = series["metric"][var].as_str() {
+                        if !pick_matches(var, value) {
+                            wrong.push(format!("{}: {var}={value} is not picked\n  {expr}", q.place));
+                        }
+                    }
+                }
+            }
+        }
+        if wrong.is_empty() || Instant::now() > deadline {
+            break wrong;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(wrong.is_empty(), "queries with picked values:\n{}", wrong.join("\n"));
     // The variables' own queries list values.
     let label_values = Regex::new(r"^label_values\((.*),\s*(\w+)\)$").unwrap();
     for v in d["templating"]["list"]
@@ -727,8 +926,9 @@ fn new_imap_down_before_the_switch_fires_the_alert_in_a_real_prometheus() {
     prom.wait_for(healthy, Duration::from_secs(20));
     let new_imap_alert =
         |state: &str| alert_on(&prom, "CutoverNewFailingBeforeSwitch", "imap", "new").filter(|a| a["state"] == state);
-    // Rules have run a few times on a healthy lab: nothing about new's IMAP.
-    std::thread::sleep(Duration::from_secs(3));
+    // The rule has been evaluated on the healthy series (not merely time
+    // has passed): nothing about new's IMAP, neither pending nor firing.
+    prom.wait_rule_evaluated("CutoverNewFailingBeforeSwitch", Duration::from_secs(20));
     assert!(
         new_imap_alert("pending").is_none() && new_imap_alert("firing").is_none(),
         "{:?}",
@@ -809,6 +1009,7 @@ fn old_imap_down_during_the_window_pages_nobody_but_does_in_preparation() {
         r#"cutover_probe_success{check="imap", env="old"} == 0"#,
         Duration::from_secs(20),
     );
+    prom.wait_rule_evaluated("CutoverOldFailingWhileServing", Duration::from_secs(20));
     let quiet_until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < quiet_until {
         let alert = alert_on(&prom, "CutoverOldFailingWhileServing", "imap", "old");

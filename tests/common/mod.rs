@@ -110,6 +110,19 @@ pub fn lab_fault(fault: &[&str], restore: &[&str]) -> Restore {
     guard
 }
 
+/// `dns set STATE` now; when dropped `dns set old`, then `dns flush`: the
+/// lagging resolver would otherwise serve STATE's answers to the next test
+/// for up to their TTL (300 s), should anything have asked it meanwhile.
+pub fn dns_fault(state: &str) -> (Restore, Restore) {
+    let strings = |a: &[&str]| a.iter().map(|s| s.to_string()).collect();
+    let guard = (
+        Restore(strings(&["dns", "set", "old"])),
+        Restore(strings(&["dns", "flush"])),
+    );
+    lab_script(&["dns", "set", state]);
+    guard
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
