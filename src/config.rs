@@ -1185,12 +1185,48 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.col)?;
+        // Line 0: a problem of the file as a whole, without a position.
+        if self.line == 0 {
+            write!(f, "{}: ", self.file.display())?;
+        } else {
+            write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.col)?;
+        }
         if !self.field.is_empty() {
             write!(f, "field `{}`: ", self.field)?;
         }
         f.write_str(&self.message)
     }
+}
+
+/// The most a secret file (password, HMAC key) may hold.
+pub const SECRET_FILE_LIMIT: u64 = 64 * 1024;
+
+/// Reads a small operator-named file (a secret, a key, a certificate) without
+/// hanging on what is no file: a FIFO, `/dev/zero` or a directory is refused
+/// before reading (opened non-blocking, so a FIFO without a writer does not
+/// block), and at most `limit` bytes are read. The error is the reason only
+/// (the caller names the file and field): an I/O error's kind, or why the
+/// file was refused.
+pub fn read_small_file(path: &Path, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| e.kind().to_string())?;
+    let meta = file.metadata().map_err(|e| e.kind().to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.kind().to_string())?;
+    if bytes.len() as u64 > limit {
+        return Err(format!("larger than the limit of {limit} bytes"));
+    }
+    Ok(bytes)
 }
 
 /// Every problem found in a check file.
@@ -1589,7 +1625,7 @@ fn load_credentials(l: &mut Loader, value: Option<Value>) -> Credentials {
             },
             (None, Some(file)) => {
                 let file = l.relative(file);
-                match std::fs::read_to_string(&file) {
+                match read_small_file(&file, SECRET_FILE_LIMIT).map(|b| String::from_utf8_lossy(&b).into_owned()) {
                     Ok(p) => {
                         warn_if_readable_by_others(&file, &format!("credential `{name}`"));
                         p.trim_end_matches(['\r', '\n']).to_string()
@@ -1597,7 +1633,7 @@ fn load_credentials(l: &mut Loader, value: Option<Value>) -> Credentials {
                     Err(e) => {
                         l.error(
                             format!("{at}.password_file"),
-                            format!("credential `{name}`: cannot read {}: {}", file.display(), e.kind()),
+                            format!("credential `{name}`: cannot read {}: {e}", file.display()),
                         );
                         continue;
                     }

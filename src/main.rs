@@ -149,6 +149,15 @@ fn finding_name(text: &str) -> Result<String, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that print exit quietly when their reader goes away (`| head`),
+    // as Unix tools do, instead of panicking on EPIPE (Rust ignores SIGPIPE).
+    // Not `run`: a peer closing a socket must not kill the daemon.
+    if !matches!(cli.command, Command::Run { .. }) {
+        // SAFETY: before any other thread exists; restores the default action.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging(&cli.log_level, cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()

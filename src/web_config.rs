@@ -237,10 +237,10 @@ fn pem_source(
         (None, Some(file)) => {
             let file = l.relative(&file);
             let field = format!("{TLS}.{file_field}");
-            match std::fs::read(&file) {
+            match crate::config::read_small_file(&file, 1024 * 1024) {
                 Ok(bytes) => Some((field, bytes)),
                 Err(e) => {
-                    l.error(field, format!("cannot read {}: {}", file.display(), e.kind()));
+                    l.error(field, format!("cannot read {}: {e}", file.display()));
                     None
                 }
             }

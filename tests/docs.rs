@@ -177,3 +177,55 @@ fn the_schema_command_prints_a_json_schema_of_the_check_file() {
         "kinds in the schema: {out}"
     );
 }
+
+/// `cutover-monitor schema | head` (and `check` into a pager that quits):
+/// the commands that print stop quietly when the reader is gone, killed by
+/// SIGPIPE as Unix tools are, without a panic about a broken pipe.
+#[test]
+fn printing_into_a_closed_pipe_exits_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("checks.yaml");
+    std::fs::write(
+        &config,
+        "environments:\n  old: {addresses: [127.0.0.1]}\nchecks:\n  - {name: closed, kind: tcp, host: localhost, port: 1}\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    for args in [
+        vec!["schema"],
+        vec!["check", "--config.file", config, "--format", "json"],
+        vec!["check", "--config.file", config],
+    ] {
+        // The reader is closed before the command starts: its first write fails.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = common::bin()
+            .args(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{args:?}: {:?} {stderr}",
+            out.status
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+/// A file-level error without a position names the file only, not `:0:0`.
+#[test]
+fn a_missing_check_file_is_reported_without_a_line_and_column() {
+    let (code, out, err) = common::validate(std::path::Path::new("/nonexistent.yaml"), None);
+    assert_ne!(code, 0);
+    let text = format!("{out}{err}");
+    assert!(text.contains("/nonexistent.yaml: cannot read"), "{text}");
+    assert!(!text.contains(":0:0"), "{text}");
+}

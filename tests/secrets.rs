@@ -130,3 +130,51 @@ fn no_secret_reaches_logs_metrics_or_check_output() {
         );
     }
 }
+
+/// Operator-named secret and key files are read bounded, and what is no
+/// regular file (`/dev/zero`, a FIFO nobody writes to) is refused at once
+/// with the file and field named, instead of hanging the loader.
+#[test]
+fn secret_and_key_files_that_are_no_small_regular_file_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![b'x'; 64 * 1024 + 1]).unwrap();
+    let config = dir.path().join("checks.yaml");
+    let web = dir.path().join("web.yml");
+    for (path, reason) in [
+        ("/dev/zero", "not a regular file"),
+        (fifo.to_str().unwrap(), "not a regular file"),
+        (big.to_str().unwrap(), "larger than the limit of 65536 bytes"),
+    ] {
+        std::fs::write(
+            &config,
+            format!(
+                "environments:\n  old: {{addresses: [127.0.0.10]}}\ncredentials:\n  probe: {{username: u@example.test, password_file: {path}}}\nchecks:\n  - {{name: i, kind: imap, host: imap.example.test, credentials: probe}}\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            &web,
+            format!("tls_server_config:\n  cert_file: {path}\n  key_file: {path}\n"),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let (code, out, err) = common::validate(&config, Some(&web));
+        assert!(started.elapsed() < Duration::from_secs(5), "validate hung on {path}");
+        assert_ne!(code, 0, "{out}{err}");
+        let text = format!("{out}{err}");
+        for field in [
+            "credentials.probe.password_file",
+            "tls_server_config.cert_file",
+            "tls_server_config.key_file",
+        ] {
+            assert!(
+                text.contains(&format!("field `{field}`")) && text.contains(&format!("cannot read {path}: {reason}")),
+                "{field} {path}: {text}"
+            );
+        }
+    }
+}

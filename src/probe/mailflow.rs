@@ -176,7 +176,8 @@ impl MailflowProbe {
                 ));
             }
             (Some(path), None) => Some(
-                std::fs::read_to_string(path)
+                crate::config::read_small_file(path, crate::config::SECRET_FILE_LIMIT)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .map_err(|e| FieldError::new("hmac_key_file", format!("cannot read {}: {e}", path.display())))?,
             ),
             (None, Some(var)) => Some(
