@@ -37,6 +37,7 @@ checks:
     resolvers: {authoritative: 127.0.0.30, lagging: 127.0.0.31}
     records:
       - {name: webmail.example.test, type: A, expect_env_addresses: true}
+      - {name: example.test, type: MX, old: ["10 mx.example.test"], new: ["10 mx.example.test"]}
   - {name: submission-wrong-password, kind: smtp, host: smtp.example.test, mode: submission, credentials: wrong, envs: [new], interval: 5s, timeout: 4s}
 "#;
 
@@ -234,6 +235,28 @@ fn status_json_has_the_phase_the_old_new_live_matrix_dns_and_certificates_and_no
         .map(|a| a["resolver"].as_str().unwrap())
         .collect();
     assert_eq!(resolvers, ["authoritative", "lagging"]);
+    assert_eq!(record["unchanged"], false, "{record:#}");
+    // A record whose old and new answers are the same does not move: it says
+    // so instead of counting resolvers "answering new".
+    let mx = &s["dns"][1];
+    assert_eq!(
+        (&mx["record"], &mx["type"]),
+        (&"example.test".into(), &"MX".into()),
+        "{mx:#}"
+    );
+    assert_eq!(mx["unchanged"], true, "{mx:#}");
+    let scrape = d.scrape();
+    let ratio = |record: &str| scrape.get("cutover_dns_cutover_ratio", &[("record", record)]);
+    assert!(
+        ratio("webmail.example.test").is_some(),
+        "{}",
+        scrape.matching("cutover_dns_cutover_ratio")
+    );
+    assert_eq!(
+        ratio("example.test"),
+        None,
+        "a record that does not move has no cutover ratio"
+    );
     // Certificates per environment: old and new present different ones.
     let certs = s["certificates"].as_array().unwrap();
     let fp = |env: &str| {
@@ -574,6 +597,12 @@ fn the_status_page_renders_the_matrix_in_headless_chromium_and_shows_new_webmail
     );
     assert!(page.contains("no mail flow configured"));
     assert!(page.contains(r#"data-record="webmail.example.test""#));
+    let mx_row = page
+        .split(r#"data-record="example.test""#)
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no MX row in the DNS table:\n{page}"));
+    assert!(mx_row.contains("unchanged") && !mx_row.contains(" of 2"), "{mx_row}");
     assert!(!page.contains(lab().var("USER")), "the rendered page names the account");
 
     screenshot(d.addr, "1280,900", "status-desktop.png");
