@@ -70,13 +70,14 @@ fn check_row(yaml: &str, env: &str) -> serde_json::Value {
         .clone()
 }
 
-/// POSTs of the probe to new's Roundcube, from nginx's access log.
-fn login_posts(env: &str) -> usize {
+/// The probe's requests to an environment's Roundcube (`POST` or any), from
+/// nginx's access log.
+fn roundcube_requests(env: &str, method: &str) -> usize {
     let log = format!("{}/log/{env}-nginx-access.log", lab().var("DIR"));
     std::fs::read_to_string(&log)
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains("\"POST /roundcube/") && l.contains("cutover-monitor/"))
+        .filter(|l| l.contains(&format!("\"{method} /roundcube/")) && l.contains("cutover-monitor/"))
         .count()
 }
 
@@ -149,8 +150,10 @@ fn a_password_changed_only_in_new_fails_new_once_then_backs_off() {
         &["user", "passwd", "new", "probe", "Changed-In-New-Only-1"],
         &["user", "reset"],
     );
-    let posts_before = login_posts("new");
-    let d = Daemon::start(WEBMAIL);
+    let posts_before = roundcube_requests("new", "POST");
+    // Without the http check of the same page, every request in new's log is a login's.
+    let only_logins: Vec<&str> = WEBMAIL.lines().filter(|l| !l.contains("roundcube-page")).collect();
+    let d = Daemon::start(&only_logins.join("\n"));
     d.wait_for(
         "cutover_probe_success",
         &at("webmail-login", "old"),
@@ -159,7 +162,11 @@ fn a_password_changed_only_in_new_fails_new_once_then_backs_off() {
     );
     let failed = [("check", "webmail-login"), ("env", "new"), ("reason", "auth_failed")];
     // The first run is rejected by Roundcube, the next ones are held back.
+    d.wait_for("cutover_probe_failures_total", &failed, |v| v >= 2.0, 20 * SECS);
+    // A held-back run sends nothing at all, not even the login page.
+    let gets = roundcube_requests("new", "GET");
     d.wait_for("cutover_probe_failures_total", &failed, |v| v >= 3.0, 20 * SECS);
+    assert_eq!(roundcube_requests("new", "GET"), gets, "a held-back run sent a request");
     assert_eq!(
         d.scrape().get("cutover_probe_success", &at("webmail-login", "old")),
         Some(1.0)
@@ -167,7 +174,7 @@ fn a_password_changed_only_in_new_fails_new_once_then_backs_off() {
     let (_, status) = d.http("GET", "/api/v1/status").unwrap();
     assert!(status.contains("backing off"), "{status}");
     assert_eq!(
-        login_posts("new") - posts_before,
+        roundcube_requests("new", "POST") - posts_before,
         1,
         "one login POST to new, then none during the backoff"
     );

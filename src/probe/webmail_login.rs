@@ -285,6 +285,9 @@ impl WebmailLoginProbe {
         run: &mut Run,
         token: &mut Option<String>,
     ) -> Result<(), Failure> {
+        // While backing off, nothing at all is sent to the address.
+        self.check_backoff(ip).in_phase("login")?;
+
         // 1. The login page (following same-host redirects to it).
         let (base, login_page) = run
             .phase("login_page", async {
@@ -306,8 +309,7 @@ impl WebmailLoginProbe {
             .in_phase("login_page")?;
         let login_form = self.read_login_page(&login_page).in_phase("login_page")?;
 
-        // 2. The login: one attempt at most, never while backing off.
-        self.check_backoff(ip).in_phase("login")?;
+        // 2. The login: one attempt at most.
         let post = client.post(self.at(&base, &[("_task", "login")])).form(&[
             ("_token", login_form.token.as_str()),
             ("_task", "login"),
