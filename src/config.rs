@@ -116,6 +116,8 @@ pub enum KindSpec {
     Mailflow(MailflowSpec),
     /// Audit of the customers' own domains: which still point at old addresses.
     HostedDomains(HostedDomainsSpec),
+    /// A real webmail session: login page, login, mail page, message list, logout.
+    WebmailLogin(WebmailLoginSpec),
 }
 
 impl KindSpec {
@@ -130,6 +132,7 @@ impl KindSpec {
             KindSpec::MailAuth(_) => Kind::MailAuth,
             KindSpec::Mailflow(_) => Kind::Mailflow,
             KindSpec::HostedDomains(_) => Kind::HostedDomains,
+            KindSpec::WebmailLogin(_) => Kind::WebmailLogin,
         }
     }
 
@@ -159,6 +162,8 @@ pub enum Kind {
     Mailflow,
     /// `hosted_domains`.
     HostedDomains,
+    /// `webmail_login`.
+    WebmailLogin,
 }
 
 impl Kind {
@@ -173,6 +178,7 @@ impl Kind {
             Kind::MailAuth => "mail_auth",
             Kind::Mailflow => "mailflow",
             Kind::HostedDomains => "hosted_domains",
+            Kind::WebmailLogin => "webmail_login",
         }
     }
 }
@@ -231,6 +237,50 @@ pub struct HttpExpect {
     /// Response headers (case-insensitive names) whose value must match.
     #[serde(default)]
     pub headers: BTreeMap<String, Pattern>,
+}
+
+/// `kind: webmail_login`: one real session per run, as a user's browser
+/// would have it, so a webmail that serves its login page but cannot log in
+/// (storage down, sessions not stored, password not migrated) is caught.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebmailLoginSpec {
+    /// The login page with the production hostname, e.g.
+    /// `https://webmail.example.com/roundcube/`.
+    pub url: String,
+    /// Which webmail answers there; each speaks its own login protocol.
+    pub app: WebmailApp,
+    /// Name of a `credentials` entry to log in with.
+    pub credentials: String,
+    /// The mailbox whose message list is fetched; `INBOX` when omitted.
+    #[serde(default = "default_mailbox")]
+    pub mailbox: String,
+    /// After the server rejects the password, the runs of this long send
+    /// nothing (and report `auth_failed`), so a wrong password never locks
+    /// the account; `5m` when omitted.
+    pub auth_backoff: Option<Dur>,
+}
+
+/// Default for `auth_backoff`: longer than the usual failed-login windows of
+/// webmail and IMAP servers (Roundcube: 3 a minute), short enough that a
+/// fixed password shows up within minutes.
+pub const DEFAULT_AUTH_BACKOFF: Duration = Duration::from_secs(300);
+
+/// The webmail applications `webmail_login` can log in to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WebmailApp {
+    /// Roundcube (1.5, 1.6): `_token` form login, `?_task=mail` AJAX list.
+    Roundcube,
+}
+
+impl WebmailApp {
+    /// The `app` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebmailApp::Roundcube => "roundcube",
+        }
+    }
 }
 
 /// `kind: tcp`.

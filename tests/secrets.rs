@@ -28,6 +28,9 @@ checks:
   - {name: imap-login-wrong, kind: imap, host: imap.example.test, credentials: wrong}
   - {name: smtp-good, kind: smtp, host: smtp.example.test, mode: submission, credentials: good}
   - {name: smtp-wrong, kind: smtp, host: smtp.example.test, mode: submission, credentials: wrong}
+  # A failed Roundcube login takes ~1.5 s: these get their own timeout.
+  - {name: webmail-good, kind: webmail_login, app: roundcube, url: "https://webmail.example.test/roundcube/", credentials: good, interval: 6s, timeout: 5s}
+  - {name: webmail-wrong, kind: webmail_login, app: roundcube, url: "https://webmail.example.test/roundcube/", credentials: wrong, interval: 6s, timeout: 5s}
   - name: dns
     kind: dns
     resolvers: {authoritative: 127.0.0.30}
@@ -72,7 +75,7 @@ fn no_secret_reaches_logs_metrics_or_check_output() {
 
     for format in ["text", "json"] {
         let d = Daemon::start_with(&yaml, &["--log.level", "trace", "--log.format", format]);
-        for check in ["imap-good", "smtp-good"] {
+        for check in ["imap-good", "smtp-good", "webmail-good"] {
             d.wait_for(
                 "cutover_probe_success",
                 &[("check", check), ("env", "new")],
@@ -80,7 +83,7 @@ fn no_secret_reaches_logs_metrics_or_check_output() {
                 Duration::from_secs(10),
             );
         }
-        for check in ["imap-plain-wrong", "imap-login-wrong", "smtp-wrong"] {
+        for check in ["imap-plain-wrong", "imap-login-wrong", "smtp-wrong", "webmail-wrong"] {
             let labels = [("check", check), ("env", "new"), ("reason", "auth_failed")];
             d.wait_for(
                 "cutover_probe_failures_total",
@@ -98,6 +101,8 @@ fn no_secret_reaches_logs_metrics_or_check_output() {
             "imap-login-wrong",
             "smtp-good",
             "smtp-wrong",
+            "webmail-good",
+            "webmail-wrong",
             "dns",
         ] {
             let (status, body) = d.http("GET", &format!("/probe?check={check}")).unwrap();

@@ -19,6 +19,7 @@ mod mail;
 mod mail_auth;
 mod migration;
 mod smtp;
+mod webmail_login;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -74,6 +75,18 @@ pub const CATALOG: &[(&str, &str)] = &[
     (
         "cutover_imap_mailbox_messages",
         "Messages in a mailbox as reported by SELECT/EXAMINE in the last run.",
+    ),
+    (
+        "cutover_webmail_inbox_messages",
+        "Messages in the mailbox a webmail_login check listed in its last run (the webmail's own count).",
+    ),
+    (
+        "cutover_webmail_app_info",
+        "What a webmail environment runs, from its pages in the last complete login: application, version, skin and plugins (sorted, comma-separated); always 1.",
+    ),
+    (
+        "cutover_webmail_parity",
+        "Whether old and new last showed the same webmail version, skin and plugin set (1) or not (0).",
     ),
     (
         "cutover_smtp_last_reply_code",
@@ -360,6 +373,7 @@ impl Metrics {
             Box::new(dns::Series::register(r)),
             Box::new(mail_auth::Series::register(r)),
             Box::new(hosted.clone()),
+            Box::new(webmail_login::Series::register(r)),
         ];
         Metrics {
             success: gauge(r, "cutover_probe_success", &INSTANCE_LABELS),

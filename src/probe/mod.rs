@@ -18,6 +18,7 @@ pub mod mailflow;
 pub mod smtp;
 pub mod tcp;
 pub mod tls;
+pub mod webmail_login;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -95,6 +96,8 @@ pub enum Measurement {
     MailAuth(mail_auth::Measured),
     /// A finished customer-domain audit (counts to metrics, rows to the API).
     HostedDomains(Arc<hosted_domains::AuditReport>),
+    /// A webmail session's mailbox size, application facts and old/new parity.
+    WebmailLogin(webmail_login::Measured),
 }
 
 /// A check file with every check's probe built: what the daemon and `check` run.
@@ -123,6 +126,7 @@ pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>,
         KindSpec::MailAuth(spec) => Arc::new(mail_auth::MailAuthProbe::new(spec, check)?),
         KindSpec::Mailflow(spec) => Arc::new(mailflow::MailflowProbe::new(spec, check, credentials)?),
         KindSpec::HostedDomains(spec) => Arc::new(hosted_domains::HostedDomainsProbe::new(spec, check)?),
+        KindSpec::WebmailLogin(spec) => Arc::new(webmail_login::WebmailLoginProbe::new(spec, check, credentials)?),
     })
 }
 
@@ -166,6 +170,17 @@ pub enum FailureReason {
     Smtp5xx,
     /// The server accepted mail it must refuse (relay without authentication).
     OpenRelay,
+    /// A webmail accepted the login form but could not reach its mail store.
+    StorageError,
+    /// A webmail refused the request as invalid: a lost session, a stale
+    /// token, cookies not kept (sessions not stored server-side).
+    InvalidRequest,
+    /// Too many failed logins: the account or client is blocked for a while.
+    AccountLocked,
+    /// The login asks for a second factor, which a probe cannot give.
+    SecondFactor,
+    /// A web application answered with a page that is none of the expected ones.
+    UnexpectedPage,
 }
 
 impl FailureReason {
@@ -189,6 +204,11 @@ impl FailureReason {
         Self::Smtp4xx,
         Self::Smtp5xx,
         Self::OpenRelay,
+        Self::StorageError,
+        Self::InvalidRequest,
+        Self::AccountLocked,
+        Self::SecondFactor,
+        Self::UnexpectedPage,
     ];
 
     /// The label value used in metrics, logs and `check` output.
@@ -212,6 +232,11 @@ impl FailureReason {
             Self::Smtp4xx => "smtp_4xx",
             Self::Smtp5xx => "smtp_5xx",
             Self::OpenRelay => "open_relay",
+            Self::StorageError => "storage_error",
+            Self::InvalidRequest => "invalid_request",
+            Self::AccountLocked => "account_locked",
+            Self::SecondFactor => "second_factor",
+            Self::UnexpectedPage => "unexpected_page",
         }
     }
 }
