@@ -9,6 +9,7 @@
 //! Adding a protocol: one file here implementing [`Probe`], its spec in
 //! `config.rs`, and one arm in [`build`].
 
+pub mod dav;
 pub mod dns;
 pub mod hosted_domains;
 pub mod http;
@@ -94,6 +95,8 @@ pub enum Measurement {
     MailAuth(mail_auth::Measured),
     /// A finished customer-domain audit (counts to metrics, rows to the API).
     HostedDomains(Arc<hosted_domains::AuditReport>),
+    /// A DAV home's collections and objects, a write round trip, old/new parity.
+    Dav(dav::Measured),
 }
 
 /// A check file with every check's probe built: what the daemon and `check` run.
@@ -122,6 +125,7 @@ pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>,
         KindSpec::MailAuth(spec) => Arc::new(mail_auth::MailAuthProbe::new(spec, check)?),
         KindSpec::Mailflow(spec) => Arc::new(mailflow::MailflowProbe::new(spec, check, credentials)?),
         KindSpec::HostedDomains(spec) => Arc::new(hosted_domains::HostedDomainsProbe::new(spec, check)?),
+        KindSpec::Dav(spec) => Arc::new(dav::DavProbe::new(spec, check, credentials)?),
     })
 }
 
@@ -165,6 +169,18 @@ pub enum FailureReason {
     Smtp5xx,
     /// The server accepted mail it must refuse (relay without authentication).
     OpenRelay,
+    /// DAV discovery: `/.well-known/caldav|carddav` does not redirect.
+    WellknownMissing,
+    /// DAV discovery redirects to another host than the production one.
+    WellknownWrongTarget,
+    /// DAV: no current-user-principal, or the principal has no home set.
+    PrincipalMissing,
+    /// DAV: a collection that must exist is not in the home.
+    CollectionMissing,
+    /// DAV: a conditional write (If-None-Match / If-Match) answered 412.
+    PreconditionFailed,
+    /// DAV: the object read back is not the one just written.
+    WriteMismatch,
 }
 
 impl FailureReason {
@@ -188,6 +204,12 @@ impl FailureReason {
         Self::Smtp4xx,
         Self::Smtp5xx,
         Self::OpenRelay,
+        Self::WellknownMissing,
+        Self::WellknownWrongTarget,
+        Self::PrincipalMissing,
+        Self::CollectionMissing,
+        Self::PreconditionFailed,
+        Self::WriteMismatch,
     ];
 
     /// The label value used in metrics, logs and `check` output.
@@ -211,6 +233,12 @@ impl FailureReason {
             Self::Smtp4xx => "smtp_4xx",
             Self::Smtp5xx => "smtp_5xx",
             Self::OpenRelay => "open_relay",
+            Self::WellknownMissing => "wellknown_missing",
+            Self::WellknownWrongTarget => "wellknown_wrong_target",
+            Self::PrincipalMissing => "principal_missing",
+            Self::CollectionMissing => "collection_missing",
+            Self::PreconditionFailed => "precondition_failed",
+            Self::WriteMismatch => "write_mismatch",
         }
     }
 }
