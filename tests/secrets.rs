@@ -28,6 +28,8 @@ checks:
   - {name: imap-login-wrong, kind: imap, host: imap.example.test, credentials: wrong}
   - {name: smtp-good, kind: smtp, host: smtp.example.test, mode: submission, credentials: good}
   - {name: smtp-wrong, kind: smtp, host: smtp.example.test, mode: submission, credentials: wrong}
+  - {name: dav-good, kind: dav, service: caldav, url: "https://dav.example.test/", credentials: good, collection: calendar, write: true, write_collection: probe-writes, legacy_urls: [/SOGo/dav/]}
+  - {name: dav-wrong, kind: dav, service: carddav, url: "https://dav.example.test/", credentials: wrong, collection: contacts}
   - name: dns
     kind: dns
     resolvers: {authoritative: 127.0.0.30}
@@ -72,7 +74,7 @@ fn no_secret_reaches_logs_metrics_or_check_output() {
 
     for format in ["text", "json"] {
         let d = Daemon::start_with(&yaml, &["--log.level", "trace", "--log.format", format]);
-        for check in ["imap-good", "smtp-good"] {
+        for check in ["imap-good", "smtp-good", "dav-good"] {
             d.wait_for(
                 "cutover_probe_success",
                 &[("check", check), ("env", "new")],
@@ -80,7 +82,7 @@ fn no_secret_reaches_logs_metrics_or_check_output() {
                 Duration::from_secs(10),
             );
         }
-        for check in ["imap-plain-wrong", "imap-login-wrong", "smtp-wrong"] {
+        for check in ["imap-plain-wrong", "imap-login-wrong", "smtp-wrong", "dav-wrong"] {
             let labels = [("check", check), ("env", "new"), ("reason", "auth_failed")];
             d.wait_for(
                 "cutover_probe_failures_total",
@@ -98,6 +100,8 @@ fn no_secret_reaches_logs_metrics_or_check_output() {
             "imap-login-wrong",
             "smtp-good",
             "smtp-wrong",
+            "dav-good",
+            "dav-wrong",
             "dns",
         ] {
             let (status, body) = d.http("GET", &format!("/probe?check={check}")).unwrap();
