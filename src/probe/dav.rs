@@ -262,7 +262,12 @@ impl DavProbe {
         let diffs = differences(old, new, &self.collection);
         if logged.as_ref() != Some(&diffs) {
             if diffs.is_empty() {
-                tracing::info!(check = %self.check, "dav parity: new holds what old holds");
+                // Worth a line when it ends a difference; routine at start.
+                if logged.is_some() {
+                    tracing::info!(check = %self.check, "dav parity: new holds what old holds again");
+                } else {
+                    tracing::debug!(check = %self.check, "dav parity: new holds what old holds");
+                }
             } else {
                 tracing::warn!(check = %self.check, differences = %diffs.join("; "), "dav parity: new differs from old");
             }
