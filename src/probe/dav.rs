@@ -490,14 +490,18 @@ impl<'a> Session<'a> {
             let Some(name) = last_segment(&path) else {
                 continue;
             };
+            // What a client would show and sync by; ctags differ between
+            // server products, so parity compares names and counts instead.
+            let ctag = entry
+                .prop(CALENDARSERVER, "getctag")
+                .or_else(|| entry.prop(DAV, "sync-token"))
+                .map_or("", |p| p.text.as_str());
+            let shown = entry.prop(DAV, "displayname").map_or("", |p| p.text.as_str());
+            tracing::debug!(check = %self.probe.check, collection = %name, displayname = %super::sanitize(shown), ctag = %super::sanitize(ctag), "dav collection");
             out.insert(
                 name,
                 Collection {
                     path: if path.ends_with('/') { path } else { format!("{path}/") },
-                    ctag: entry
-                        .prop(CALENDARSERVER, "getctag")
-                        .or_else(|| entry.prop(DAV, "sync-token"))
-                        .map(|p| p.text.clone()),
                 },
             );
         }
@@ -836,9 +840,6 @@ impl<'a> Session<'a> {
 struct Collection {
     /// Its path, ending in `/`.
     path: String,
-    /// `getctag` (or `sync-token`): changes with every write.
-    #[allow(dead_code)]
-    ctag: Option<String>,
 }
 
 fn oversize(method: &Method, path: &str) -> Failure {
