@@ -118,6 +118,8 @@ pub enum KindSpec {
     HostedDomains(HostedDomainsSpec),
     /// A real webmail session: login page, login, mail page, message list, logout.
     WebmailLogin(WebmailLoginSpec),
+    /// CalDAV or CardDAV: discovery, principal, collections, a read, optionally a write.
+    Dav(DavSpec),
 }
 
 impl KindSpec {
@@ -133,6 +135,7 @@ impl KindSpec {
             KindSpec::Mailflow(_) => Kind::Mailflow,
             KindSpec::HostedDomains(_) => Kind::HostedDomains,
             KindSpec::WebmailLogin(_) => Kind::WebmailLogin,
+            KindSpec::Dav(_) => Kind::Dav,
         }
     }
 
@@ -164,6 +167,8 @@ pub enum Kind {
     HostedDomains,
     /// `webmail_login`.
     WebmailLogin,
+    /// `dav`.
+    Dav,
 }
 
 impl Kind {
@@ -179,6 +184,7 @@ impl Kind {
             Kind::Mailflow => "mailflow",
             Kind::HostedDomains => "hosted_domains",
             Kind::WebmailLogin => "webmail_login",
+            Kind::Dav => "dav",
         }
     }
 }
@@ -439,6 +445,68 @@ fn default_method() -> String {
 
 fn default_redirects() -> u32 {
     5
+}
+
+/// `kind: dav`: what a calendar or contacts client does, in one run per
+/// environment: RFC 6764 discovery, the principal and its home, the home's
+/// collections, one read, and (opt-in) a write round trip.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DavSpec {
+    /// `caldav` or `carddav`: which well-known path, home set and query.
+    pub service: DavService,
+    /// The server's root with the production hostname, e.g. `https://dav.example.com/`;
+    /// HTTPS only, since every request carries Basic credentials.
+    pub url: String,
+    /// Name of a `credentials` entry.
+    pub credentials: String,
+    /// The collection (name under the home, e.g. `calendar`) that is read and counted.
+    pub collection: String,
+    /// CalDAV only: the calendar-query's time range; wide (2000 to 2100) when omitted.
+    pub time_range: Option<DavTimeRange>,
+    /// PUT, GET and DELETE one probe object per run; off when omitted.
+    #[serde(default)]
+    pub write: bool,
+    /// Where the round trip writes; `collection` when omitted.
+    pub write_collection: Option<String>,
+    /// Paths (e.g. `/SOGo/dav/`) that old clients still use: each must answer
+    /// 2xx or a redirect.
+    #[serde(default)]
+    pub legacy_urls: Vec<String>,
+    /// What the home must hold.
+    #[serde(default)]
+    pub expect: DavExpect,
+}
+
+/// Which DAV service a `dav` check speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DavService {
+    /// Calendars (RFC 4791).
+    Caldav,
+    /// Address books (RFC 6352).
+    Carddav,
+}
+
+/// A calendar-query time range, in iCalendar UTC form (`20300101T000000Z`).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DavTimeRange {
+    /// Inclusive start.
+    pub start: String,
+    /// Exclusive end.
+    pub end: String,
+}
+
+/// Expectations on a DAV home.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DavExpect {
+    /// Collection names (last path segment) that must exist in the home.
+    #[serde(default)]
+    pub collections: Vec<String>,
+    /// The home must hold at least this many collections of the service's type.
+    pub min_collections: Option<u64>,
 }
 
 /// `kind: dns`. Runs once per resolver, not per environment, so it takes no `envs`.
@@ -1766,7 +1834,7 @@ fn load_checks<P>(
         if kind_name.is_none() {
             l.error(
                 format!("{at}.kind"),
-                "missing field `kind` (one of `http`, `tcp`, `smtp`, `imap`, `dns`, `mail_auth`, `mailflow`, `hosted_domains`)",
+                "missing field `kind` (one of `http`, `tcp`, `smtp`, `imap`, `dns`, `mail_auth`, `mailflow`, `hosted_domains`, `dav`)",
             );
             continue;
         }

@@ -31,6 +31,8 @@ checks:
   # A failed Roundcube login takes ~1.5 s: these get their own timeout.
   - {name: webmail-good, kind: webmail_login, app: roundcube, url: "https://webmail.example.test/roundcube/", credentials: good, interval: 6s, timeout: 5s}
   - {name: webmail-wrong, kind: webmail_login, app: roundcube, url: "https://webmail.example.test/roundcube/", credentials: wrong, interval: 6s, timeout: 5s}
+  - {name: dav-good, kind: dav, service: caldav, url: "https://dav.example.test/", credentials: good, collection: calendar, write: true, write_collection: probe-writes, legacy_urls: [/SOGo/dav/]}
+  - {name: dav-wrong, kind: dav, service: carddav, url: "https://dav.example.test/", credentials: wrong, collection: contacts}
   - name: dns
     kind: dns
     resolvers: {authoritative: 127.0.0.30}
@@ -75,7 +77,7 @@ fn no_secret_reaches_logs_metrics_or_check_output() {
 
     for format in ["text", "json"] {
         let d = Daemon::start_with(&yaml, &["--log.level", "trace", "--log.format", format]);
-        for check in ["imap-good", "smtp-good", "webmail-good"] {
+        for check in ["imap-good", "smtp-good", "webmail-good", "dav-good"] {
             d.wait_for(
                 "cutover_probe_success",
                 &[("check", check), ("env", "new")],
@@ -83,7 +85,13 @@ fn no_secret_reaches_logs_metrics_or_check_output() {
                 Duration::from_secs(10),
             );
         }
-        for check in ["imap-plain-wrong", "imap-login-wrong", "smtp-wrong", "webmail-wrong"] {
+        for check in [
+            "imap-plain-wrong",
+            "imap-login-wrong",
+            "smtp-wrong",
+            "webmail-wrong",
+            "dav-wrong",
+        ] {
             let labels = [("check", check), ("env", "new"), ("reason", "auth_failed")];
             d.wait_for(
                 "cutover_probe_failures_total",
@@ -103,6 +111,8 @@ fn no_secret_reaches_logs_metrics_or_check_output() {
             "smtp-wrong",
             "webmail-good",
             "webmail-wrong",
+            "dav-good",
+            "dav-wrong",
             "dns",
         ] {
             let (status, body) = d.http("GET", &format!("/probe?check={check}")).unwrap();

@@ -12,6 +12,7 @@
 //! layers above write to. The same code renders the daemon's scrape and the
 //! one-shot `/probe` endpoint (a fresh [`Metrics`] per request).
 
+mod dav;
 mod dns;
 mod hosted_domains;
 mod imap;
@@ -159,6 +160,26 @@ pub const CATALOG: &[(&str, &str)] = &[
     (
         "cutover_hosted_domains_changes_total",
         "Customer domains whose findings changed between two audits: `fixed` (to ok), `regressed` (from ok), `changed` (between problems).",
+    ),
+    (
+        "cutover_dav_collections",
+        "Collections of the check's service (calendars or address books) in the account's DAV home in the last run.",
+    ),
+    (
+        "cutover_dav_objects",
+        "Objects the last run's query found in the check's read collection (probe objects excluded).",
+    ),
+    (
+        "cutover_dav_write_roundtrip_seconds",
+        "Duration of the last DAV write round trip: PUT, GET and DELETE of one probe object.",
+    ),
+    (
+        "cutover_dav_orphaned_probe_objects",
+        "Probe objects left by earlier (killed) runs that the last run found and removed.",
+    ),
+    (
+        "cutover_dav_parity",
+        "Whether new holds what old holds for a dav check's account (1) or not (0): the same collections and the same object count in the read collection, from each environment's last run.",
     ),
     (
         "cutover_check_instances",
@@ -374,6 +395,7 @@ impl Metrics {
             Box::new(mail_auth::Series::register(r)),
             Box::new(hosted.clone()),
             Box::new(webmail_login::Series::register(r)),
+            Box::new(dav::Series::register(r)),
         ];
         Metrics {
             success: gauge(r, "cutover_probe_success", &INSTANCE_LABELS),

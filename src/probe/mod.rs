@@ -9,6 +9,7 @@
 //! Adding a protocol: one file here implementing [`Probe`], its spec in
 //! `config.rs`, and one arm in [`build`].
 
+pub mod dav;
 pub mod dns;
 pub mod hosted_domains;
 pub mod http;
@@ -98,6 +99,8 @@ pub enum Measurement {
     HostedDomains(Arc<hosted_domains::AuditReport>),
     /// A webmail session's mailbox size, application facts and old/new parity.
     WebmailLogin(webmail_login::Measured),
+    /// A DAV home's collections and objects, a write round trip, old/new parity.
+    Dav(dav::Measured),
 }
 
 /// A check file with every check's probe built: what the daemon and `check` run.
@@ -127,6 +130,7 @@ pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>,
         KindSpec::Mailflow(spec) => Arc::new(mailflow::MailflowProbe::new(spec, check, credentials)?),
         KindSpec::HostedDomains(spec) => Arc::new(hosted_domains::HostedDomainsProbe::new(spec, check)?),
         KindSpec::WebmailLogin(spec) => Arc::new(webmail_login::WebmailLoginProbe::new(spec, check, credentials)?),
+        KindSpec::Dav(spec) => Arc::new(dav::DavProbe::new(spec, check, credentials)?),
     })
 }
 
@@ -181,6 +185,18 @@ pub enum FailureReason {
     SecondFactor,
     /// A web application answered with a page that is none of the expected ones.
     UnexpectedPage,
+    /// DAV discovery: `/.well-known/caldav|carddav` does not redirect.
+    WellknownMissing,
+    /// DAV discovery redirects to another host than the production one.
+    WellknownWrongTarget,
+    /// DAV: no current-user-principal, or the principal has no home set.
+    PrincipalMissing,
+    /// DAV: a collection that must exist is not in the home.
+    CollectionMissing,
+    /// DAV: a conditional write (If-None-Match / If-Match) answered 412.
+    PreconditionFailed,
+    /// DAV: the object read back is not the one just written.
+    WriteMismatch,
 }
 
 impl FailureReason {
@@ -209,6 +225,12 @@ impl FailureReason {
         Self::AccountLocked,
         Self::SecondFactor,
         Self::UnexpectedPage,
+        Self::WellknownMissing,
+        Self::WellknownWrongTarget,
+        Self::PrincipalMissing,
+        Self::CollectionMissing,
+        Self::PreconditionFailed,
+        Self::WriteMismatch,
     ];
 
     /// The label value used in metrics, logs and `check` output.
@@ -237,6 +259,12 @@ impl FailureReason {
             Self::AccountLocked => "account_locked",
             Self::SecondFactor => "second_factor",
             Self::UnexpectedPage => "unexpected_page",
+            Self::WellknownMissing => "wellknown_missing",
+            Self::WellknownWrongTarget => "wellknown_wrong_target",
+            Self::PrincipalMissing => "principal_missing",
+            Self::CollectionMissing => "collection_missing",
+            Self::PreconditionFailed => "precondition_failed",
+            Self::WriteMismatch => "write_mismatch",
         }
     }
 }
