@@ -15,6 +15,7 @@ use anyhow::Context;
 use tokio::sync::mpsc;
 
 use crate::config;
+use crate::listener::{self, Limits};
 use crate::metrics::Metrics;
 use crate::metrics::MigrationMetrics;
 use crate::migration::Control;
@@ -40,6 +41,11 @@ pub struct Options {
     pub enable_lifecycle: bool,
     /// `--storage.path`: where the mail ledger lives.
     pub storage_path: PathBuf,
+    /// `--web.max-connections`: the cap asked for (lowered to half the soft
+    /// limit on open files, see [`crate::listener::Limits`]).
+    pub max_connections: usize,
+    /// `--web.read-header-timeout`.
+    pub read_header_timeout: Duration,
 }
 
 /// How often the daemon re-reads the clock for phase boundaries.
@@ -63,6 +69,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         web_config_file,
         enable_lifecycle,
         storage_path,
+        max_connections,
+        read_header_timeout,
     } = options;
     let mut signals = Signals::install().context("installing signal handlers")?;
     let config = Arc::new(probe::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?);
@@ -94,10 +102,27 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         },
         web.clone(),
     );
+    let fd_limit = listener::fd_soft_limit();
+    let limits = Limits::new(max_connections, fd_limit, read_header_timeout);
+    if limits.max_connections < max_connections {
+        tracing::warn!(
+            requested = max_connections,
+            max_connections = limits.max_connections,
+            fd_soft_limit = fd_limit,
+            "--web.max-connections lowered to half the soft limit on open files, the rest is kept for the probes; raise the limit (LimitNOFILE= in the systemd unit) to allow more"
+        );
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::serve(listener, app, web.clone(), async {
-        let _ = stop_rx.await;
-    }));
+    let server = tokio::spawn(server::serve(
+        listener,
+        app,
+        web.clone(),
+        limits,
+        shared.metrics.http(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
 
     let mut scheduler = Scheduler::new(shared.clone()).with_storage(storage_path);
     scheduler.prepare(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -105,7 +130,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     ready.store(true, Ordering::Release);
     tracing::info!(
         config = %config_path.display(), listen = %listen, checks = config.checks.len(),
-        tls, lifecycle = enable_lifecycle,
+        tls, lifecycle = enable_lifecycle, max_connections = limits.max_connections, fd_soft_limit = fd_limit,
         "cutover-monitor started"
     );
 

@@ -5,7 +5,7 @@
 //! Layout: [`config`] (schema, validation, secrets), [`scheduler`] (when probes
 //! run), [`probe`] (what one probe does, one file per protocol), [`resolve`]
 //! (asking DNS servers directly), [`lookup`] (rate-limited, cached lookups for domain audits), [`metrics`] (every metric name), [`ledger`] (mail accounting that survives restarts), [`audits`] (the kept customer-domain audits), [`server`]
-//! (the HTTP surface), [`web_config`] (its TLS and basic auth), [`daemon`] (wiring for `run`), [`report`] (the `check`
+//! (the HTTP surface), [`listener`] (its connections: limits and timeouts), [`web_config`] (its TLS and basic auth), [`daemon`] (wiring for `run`), [`report`] (the `check`
 //! command's output), [`shutdown`] (signals), [`migration`] (phases and go/no-go),
 //! [`status`] (the status page and `/api/v1/status`), [`client`] (the `phase` command's API calls).
 
@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod ledger;
+pub mod listener;
 pub mod lookup;
 pub mod metrics;
 pub mod migration;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use cutover_monitor::config::{self, Kind};
 use cutover_monitor::probe::hosted_domains::{Finding, HostedDomainsProbe, Progress};
-use cutover_monitor::{client, daemon, migration, probe, report, scheduler};
+use cutover_monitor::{client, daemon, listener, migration, probe, report, scheduler};
 use hyper::Method;
 
 /// Watches a mail service's old and new environments side by side during a
@@ -76,6 +76,12 @@ enum Command {
         /// Directory of the mail ledger (`mailflow` checks); created when needed.
         #[arg(long = "storage.path", default_value = "./data")]
         storage_path: PathBuf,
+        /// Open HTTP connections at most (at most half the soft limit on open files); at the cap the oldest without a request in progress is closed for a new one.
+        #[arg(long = "web.max-connections", default_value_t = listener::DEFAULT_MAX_CONNECTIONS, value_parser = at_least_one)]
+        max_connections: usize,
+        /// Time a client gets for its TLS handshake and for each request head; also how long a keep-alive connection may idle.
+        #[arg(long = "web.read-header-timeout", default_value = "10s", value_parser = positive_duration)]
+        read_header_timeout: std::time::Duration,
     },
     /// Run the selected checks once and print the results (exit 0 all OK, 2 any failing, 3 could not run).
     Check {
@@ -147,6 +153,24 @@ fn finding_name(text: &str) -> Result<String, String> {
     Finding::parse(text).map(|f| f.as_str().to_string())
 }
 
+/// A count of at least 1.
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("expected a whole number: {e}")),
+    }
+}
+
+/// A duration like `10s` or `500ms`, not zero.
+fn positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("expected a duration like `10s`: {e}")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands that print exit quietly when their reader goes away (`| head`),
@@ -171,12 +195,16 @@ fn main() -> ExitCode {
             web_config_file,
             enable_lifecycle,
             storage_path,
+            max_connections,
+            read_header_timeout,
         } => match runtime.block_on(daemon::run(daemon::Options {
             config_file,
             listen,
             web_config_file,
             enable_lifecycle,
             storage_path,
+            max_connections,
+            read_header_timeout,
         })) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -9,10 +9,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, Request, State};
@@ -20,12 +18,11 @@ use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics::Metrics;
+use crate::listener::{Limits, TlsSource};
+use crate::metrics::{HttpMetrics, Metrics};
 use crate::probe::{Config, sanitize};
 use crate::scheduler::{self, Shared};
 use crate::web_config::{Authenticator, WebConfig};
@@ -323,98 +320,22 @@ async fn probe(State(state): State<AppState>, Query(q): Query<HashMap<String, St
 }
 
 /// Serves `app` on `listener` until `stop` completes: over TLS when the web
-/// config has `tls_server_config`, plain HTTP otherwise.
+/// config has `tls_server_config`, plain HTTP otherwise, within `limits`
+/// ([`crate::listener`]).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     web: Arc<Web>,
+    limits: Limits,
+    metrics: HttpMetrics,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    if web.current().tls.is_some() {
-        axum::serve(TlsListener::new(listener, web)?, app)
-            .with_graceful_shutdown(stop)
-            .await
-    } else {
-        axum::serve(listener, app).with_graceful_shutdown(stop).await
-    }
-}
-
-/// How long a client gets to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; more clients wait in the listen backlog.
-const MAX_HANDSHAKES: usize = 64;
-
-/// Accepts TCP connections and hands over those that completed a TLS
-/// handshake. Handshakes run in their own tasks, with a deadline, so a client
-/// that stalls mid-handshake holds up nobody else. Each handshake uses the
-/// web config in force when it starts, so rotated certificates apply to new
-/// connections after a reload.
-struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-    acceptor: tokio::task::JoinHandle<()>,
-}
-
-impl TlsListener {
-    fn new(listener: TcpListener, web: Arc<Web>) -> std::io::Result<TlsListener> {
-        let local = listener.local_addr()?;
-        let (tx, ready) = mpsc::channel(MAX_HANDSHAKES);
-        let acceptor = tokio::spawn(accept_tls(listener, web, tx));
-        Ok(TlsListener { ready, local, acceptor })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.acceptor.abort();
-    }
-}
-
-async fn accept_tls(listener: TcpListener, web: Arc<Web>, ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>) {
-    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: back off, keep serving.
-                tracing::warn!(error = %e, "accepting a connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(tls) = web.current().tls.clone() else { continue };
-        let ready = ready.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let _ = ready.send((stream, peer)).await;
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %peer, error = %sanitize(&e.to_string()), "TLS handshake with a client failed")
-                }
-                Err(_) => tracing::debug!(peer = %peer, "TLS handshake with a client timed out"),
-            }
-        });
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(accepted) => accepted,
-            // The acceptor only stops when this listener is dropped.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
+    // Each handshake uses the web config in force when it starts, so rotated
+    // certificates apply to new connections after a reload.
+    let tls: Option<TlsSource> = web
+        .current()
+        .tls
+        .is_some()
+        .then(|| Arc::new(move || web.current().tls.clone()) as TlsSource);
+    crate::listener::serve(listener, app, tls, limits, metrics, stop).await
 }

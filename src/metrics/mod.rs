@@ -15,6 +15,7 @@
 mod dav;
 mod dns;
 mod hosted_domains;
+mod http;
 mod imap;
 mod mail;
 mod mail_auth;
@@ -31,6 +32,7 @@ use crate::config::Kind;
 use crate::probe::hosted_domains::AuditReport;
 use crate::probe::{Measurement, Outcome};
 
+pub use http::{HttpMetrics, Rejection};
 pub use mail::{MailMetrics, RouteTotals};
 pub use migration::MigrationMetrics;
 
@@ -207,6 +209,18 @@ pub const CATALOG: &[(&str, &str)] = &[
         "Whether the phase in force was set by hand (1) instead of by the clock (0).",
     ),
     (
+        "cutover_http_connections",
+        "HTTP connections open to the daemon now, TLS handshakes included.",
+    ),
+    (
+        "cutover_http_connections_max",
+        "The cap on open HTTP connections in force: `--web.max-connections`, at most half the soft limit on open files at start.",
+    ),
+    (
+        "cutover_http_connections_rejected_total",
+        "HTTP connections closed before any answer, by reason (limit: every slot busy, the new one closed at once; evicted: the oldest without a request in progress closed to admit a new one; header_timeout: no TLS handshake or complete request head within `--web.read-header-timeout`; an idle keep-alive connection closing is not counted).",
+    ),
+    (
         "cutover_mail_sent_total",
         "Probe mails of a mailflow route the server accepted (250 after DATA), or that were found although a crash hid the reply.",
     ),
@@ -349,6 +363,7 @@ pub struct Metrics {
     touched: Mutex<HashMap<Instance, Touched>>,
     mail: MailMetrics,
     migration: MigrationMetrics,
+    http: HttpMetrics,
 }
 
 fn opts(name: &str) -> Opts {
@@ -424,6 +439,7 @@ impl Metrics {
             touched: Mutex::new(HashMap::new()),
             mail: MailMetrics::register(r),
             migration: MigrationMetrics::register(r),
+            http: HttpMetrics::register(r),
             registry,
         }
     }
@@ -571,6 +587,11 @@ impl Metrics {
     /// The migration phase series, which [`crate::migration::Control`] publishes to.
     pub fn migration(&self) -> MigrationMetrics {
         self.migration.clone()
+    }
+
+    /// The HTTP listener's series, which the server publishes to.
+    pub fn http(&self) -> HttpMetrics {
+        self.http.clone()
     }
 
     /// Whether the last configuration (re)load succeeded, for the status page.
