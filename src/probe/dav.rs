@@ -16,7 +16,7 @@
 //! holds for the same account ([`Measured::Parity`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -125,15 +125,7 @@ struct ParityState {
 impl DavProbe {
     /// Validates the spec and resolves its credential.
     pub fn new(spec: &DavSpec, check: &Check, credentials: &Credentials) -> Result<Self, FieldError> {
-        let credential = credentials.get(&spec.credentials).cloned().ok_or_else(|| {
-            FieldError::new(
-                "credentials",
-                format!(
-                    "unknown credential `{}`: define it under the `credentials` section",
-                    spec.credentials
-                ),
-            )
-        })?;
+        let credential = super::credential(credentials, &spec.credentials)?;
         let origin = Url::parse(&spec.url).map_err(|e| FieldError::new("url", format!("invalid URL: {e}")))?;
         if origin.scheme() != "https" {
             return Err(FieldError::new(
@@ -211,13 +203,7 @@ impl DavProbe {
                 ));
             }
         }
-        let verifier = rustls::client::WebPkiServerVerifier::builder(check.roots.clone())
-            .build()
-            .map_err(|e| FieldError::new("ca_file", format!("trust store: {e}")))?;
-        let mut tls = rustls::ClientConfig::builder()
-            .with_webpki_verifier(verifier)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = super::http::session_tls(&check.roots)?;
         Ok(DavProbe {
             check: check.name.clone(),
             service: spec.service,
@@ -331,14 +317,8 @@ struct Reply {
 impl<'a> Session<'a> {
     fn new(probe: &'a DavProbe, ip: IpAddr) -> Result<Self, Failure> {
         let port = probe.origin.port_or_known_default().unwrap_or(443);
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(probe.tls.clone())
-            .resolve(&probe.host, SocketAddr::new(ip, port))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
+        let client = super::http::session(&probe.tls, &probe.host, port, ip)
             .tls_info(true)
-            .http1_only()
-            .user_agent(concat!("cutover-monitor/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Failure::new(FailureReason::Protocol, format!("building the HTTP client: {e}")))?;
         Ok(Session {

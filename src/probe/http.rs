@@ -282,6 +282,33 @@ fn redirect_target(base: &Uri, headers: &HeaderMap) -> Option<Uri> {
         .ok()
 }
 
+/// The TLS config of the kinds that hold an HTTP session over reqwest
+/// (webmail_login, dav): the check's roots only, ring as the provider (no
+/// second crypto provider in the binary), HTTP/1.1 by ALPN.
+pub fn session_tls(roots: &Arc<rustls::RootCertStore>) -> Result<rustls::ClientConfig, FieldError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| FieldError::new("url", format!("TLS setup: {e}")))?
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// A reqwest session for one run, pinned: it connects to `ip:port` while URL,
+/// `Host`, SNI and certificate keep `host`; it follows no redirect (each is
+/// judged by the probe), uses no proxy and speaks HTTP/1.1.
+pub fn session(tls: &rustls::ClientConfig, host: &str, port: u16, ip: IpAddr) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls.clone())
+        .resolve(host, std::net::SocketAddr::new(ip, port))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .http1_only()
+        .user_agent(concat!("cutover-monitor/", env!("CARGO_PKG_VERSION")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,15 +62,7 @@ pub struct ImapProbe {
 impl ImapProbe {
     /// Validates the spec and resolves its credential.
     pub fn new(spec: &ImapSpec, check: &Check, credentials: &Credentials) -> Result<Self, FieldError> {
-        let credential = credentials.get(&spec.credentials).cloned().ok_or_else(|| {
-            FieldError::new(
-                "credentials",
-                format!(
-                    "unknown credential `{}`: define it under the `credentials` section",
-                    spec.credentials
-                ),
-            )
-        })?;
+        let credential = super::credential(credentials, &spec.credentials)?;
         if [credential.username.as_str(), credential.password.expose()]
             .iter()
             .any(|s| s.contains(['\r', '\n']))

@@ -117,6 +117,17 @@ pub fn parse(path: &std::path::Path, text: &str) -> Result<Config, ConfigErrors>
     crate::config::parse(path, text, &build)
 }
 
+/// The named credential of a check (its `credentials` field), or the field
+/// error the loader reports at that field.
+pub fn credential(credentials: &Credentials, name: &str) -> Result<Arc<crate::config::Credential>, FieldError> {
+    credentials.get(name).cloned().ok_or_else(|| {
+        FieldError::new(
+            "credentials",
+            format!("unknown credential `{name}`: define it under the `credentials` section"),
+        )
+    })
+}
+
 /// Builds the probe for a check. Errors name the field (relative to the check)
 /// and are reported with the check's position by the config loader.
 pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>, FieldError> {

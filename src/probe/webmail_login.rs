@@ -38,14 +38,13 @@
 //! run the same webmail ([`Measured::Parity`]), logging each change of verdict.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use regex::Regex;
 use reqwest::header::{ACCEPT_LANGUAGE, HeaderMap, LOCATION, SET_COOKIE};
-use reqwest::redirect::Policy;
 use reqwest::{Client, RequestBuilder, StatusCode, Url};
 use serde_json::Value;
 
@@ -171,15 +170,7 @@ impl Patterns {
 impl WebmailLoginProbe {
     /// Validates the spec, resolves its credential and builds the TLS config.
     pub fn new(spec: &WebmailLoginSpec, check: &Check, credentials: &Credentials) -> Result<Self, FieldError> {
-        let credential = credentials.get(&spec.credentials).cloned().ok_or_else(|| {
-            FieldError::new(
-                "credentials",
-                format!(
-                    "unknown credential `{}`: define it under the `credentials` section",
-                    spec.credentials
-                ),
-            )
-        })?;
+        let credential = super::credential(credentials, &spec.credentials)?;
         let url = Url::parse(&spec.url).map_err(|e| FieldError::new("url", format!("invalid URL: {e}")))?;
         if url.scheme() != "https" {
             return Err(FieldError::new(
@@ -202,13 +193,7 @@ impl WebmailLoginProbe {
             return Err(FieldError::new("mailbox", "must be a mailbox name"));
         }
         let auth_backoff = spec.auth_backoff.map_or(DEFAULT_AUTH_BACKOFF, |d| d.0);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| FieldError::new("url", format!("TLS setup: {e}")))?
-            .with_root_certificates(check.roots.clone())
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls = super::http::session_tls(&check.roots)?;
         Ok(WebmailLoginProbe {
             url,
             host,
@@ -227,15 +212,9 @@ impl WebmailLoginProbe {
     fn client(&self, ip: IpAddr) -> Result<Client, Failure> {
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT_LANGUAGE, "en-US".parse().expect("valid header"));
-        Client::builder()
-            .use_preconfigured_tls(self.tls.clone())
-            .resolve(&self.host, SocketAddr::new(ip, self.port))
-            .redirect(Policy::none())
+        super::http::session(&self.tls, &self.host, self.port, ip)
             .cookie_store(true)
-            .no_proxy()
-            .http1_only()
             .default_headers(headers)
-            .user_agent(concat!("cutover-monitor/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| Failure::new(FailureReason::Protocol, format!("HTTP client: {}", chain(&e))))
     }
