@@ -53,6 +53,9 @@ pub struct Row {
     /// For `dns` checks: what this resolver answered for each record.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<DnsRow>,
+    /// Findings that are no failure, e.g. what differs between old and new.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// One record as one resolver answered it (a `dns` check instance).
@@ -138,6 +141,7 @@ pub fn rows(specs: &[InstanceSpec], outcomes: &[Outcome]) -> Vec<Row> {
                 cert_sha256: o.cert.as_ref().map(|c| c.sha256.clone()),
                 cert_not_after: o.cert.as_ref().map(|c| c.not_after),
                 dns: dns_rows(&o.measurements),
+                notes: o.notes.iter().map(|n| crate::probe::sanitize(n)).collect(),
             }
         })
         .collect()
@@ -204,6 +208,11 @@ pub fn table(rows: &[Row]) -> String {
         line(&mut out, &row.each_ref().map(String::as_str));
     }
     out.push_str(&dns_table(rows));
+    for r in rows {
+        for note in &r.notes {
+            let _ = writeln!(out, "NOTE {} {}: {note}", r.check, r.env);
+        }
+    }
     let failed = rows.iter().filter(|r| !r.success).count();
     let _ = writeln!(
         out,

@@ -149,6 +149,7 @@ async fn run_admitted(spec: &InstanceSpec, config: &Config) -> Outcome {
         phases: run.phases().to_vec(),
         cert: run.cert.take(),
         measurements: std::mem::take(&mut run.measurements),
+        notes: std::mem::take(&mut run.notes),
         resolved,
         started_at,
     }

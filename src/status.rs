@@ -133,6 +133,8 @@ pub struct Cell {
     pub resolved_address: Option<String>,
     /// For live: the environment it belongs to (`unknown` when none).
     pub resolved_env: Option<String>,
+    /// Findings that are no failure, e.g. what differs between old and new.
+    pub notes: Vec<String>,
 }
 
 /// One record across a `dns` check's resolvers.
@@ -238,6 +240,7 @@ pub fn snapshot(shared: &Shared, config: &Config, current: Current) -> Status {
             duration_seconds: outcome.map(|o| o.duration.as_secs_f64()),
             resolved_address: outcome.and_then(|o| o.resolved.as_ref()).map(|(ip, _)| ip.to_string()),
             resolved_env: outcome.and_then(|o| o.resolved.as_ref()).map(|(_, env)| env.clone()),
+            notes: outcome.map_or_else(Vec::new, |o| o.notes.iter().map(|n| redact.apply(n)).collect()),
         };
         match matrix.iter_mut().find(|r| r.check == spec.inst.check) {
             Some(row) => row.cells.push(cell),

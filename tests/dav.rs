@@ -328,6 +328,15 @@ fn events_dropped_in_new_show_in_parity_with_both_counts() {
     // The account still works: only parity tells.
     assert!(rows.iter().all(|(_, _, r)| r.success), "{rows:?}");
     assert!(log.contains("`calendar`: old has 5 objects, new 3"), "{log}");
+    // `check` says it beside the rows too, not only in the log.
+    let (_, out, err) = check_cmd(&format!("{HEAD}{CHECKS}"), &["--format", "json", "--check", "caldav"]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    let noted = rows.as_array().unwrap().iter().any(|r| {
+        r["notes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n == "`calendar`: old has 5 objects, new 3"))
+    });
+    assert!(noted, "{rows:#}");
     let d = Daemon::start(&format!("{HEAD}{CHECKS}"));
     d.wait_for(
         "cutover_dav_parity",

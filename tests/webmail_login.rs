@@ -251,6 +251,26 @@ fn a_plugin_missing_in_new_breaks_parity_naming_it_and_reset_restores_it() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(d.logs().contains("plugins: zipdownload only in old"), "{}", d.logs());
+    // What differs is on the status page beside the instance, and under `check`'s table.
+    let (code, body) = d.http("GET", "/api/v1/status").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let notes: Vec<String> = status["matrix"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["check"] == "webmail-login")
+        .flat_map(|row| row["cells"].as_array().unwrap().iter())
+        .flat_map(|cell| cell["notes"].as_array().unwrap().iter())
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    assert!(notes.iter().any(|n| n.contains("zipdownload only in old")), "{notes:?}");
+    let (_, out, err) = check_cmd(WEBMAIL, &[]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("NOTE webmail-login ") && l.contains("zipdownload only in old")),
+        "{out}{err}"
+    );
 
     lab_script(&["webmail", "reset"]);
     d.wait_for("cutover_webmail_parity", &parity, |v| v == 1.0, 15 * SECS);

@@ -689,6 +689,7 @@ mod tests {
                 dns_names: vec![],
             }),
             measurements: vec![],
+            notes: vec![],
             resolved: None,
             started_at: 1.0,
         }

@@ -233,9 +233,9 @@ impl DavProbe {
     }
 
     /// Records `env`'s facts (only `old` and `new` take part) and, when both
-    /// are known, says whether they agree. A difference is logged when it
-    /// changes, naming what differs.
-    fn parity(&self, env: &str, facts: Option<Facts>) -> Option<bool> {
+    /// are known, says what differs (empty: they agree). A difference is
+    /// logged when it changes, naming what differs.
+    fn parity(&self, env: &str, facts: Option<Facts>) -> Option<Vec<String>> {
         if env != "old" && env != "new" {
             return None;
         }
@@ -259,7 +259,7 @@ impl DavProbe {
             }
             *logged = Some(diffs.clone());
         }
-        Some(diffs.is_empty())
+        Some(diffs)
     }
 }
 
@@ -291,7 +291,9 @@ impl Probe for DavProbe {
             let mut facts = None;
             let result = session.walk(run, &mut facts).await;
             run.cert = session.cert.lock().expect("cert slot").take();
-            if let Some(equal) = self.parity(&run.env, facts) {
+            if let Some(diffs) = self.parity(&run.env, facts) {
+                let equal = diffs.is_empty();
+                run.notes.extend(diffs);
                 run.measurements.push(Measurement::Dav(Measured::Parity { equal }));
             }
             result

@@ -374,6 +374,10 @@ pub struct Run {
     pub cert: Option<CertFacts>,
     /// What the probe measured beyond success and phases.
     pub measurements: Vec<Measurement>,
+    /// What people should read that is no failure of this run: what differs
+    /// between old and new (webmail plugins, DAV collections). `check` prints
+    /// them under the table, the status page beside the instance.
+    pub notes: Vec<String>,
     /// The instance's environment name, set by the scheduler: mailflow labels
     /// its mails with it (`route`), which the address alone cannot tell for `live`.
     pub env: String,
@@ -424,6 +428,8 @@ pub struct Outcome {
     pub cert: Option<CertFacts>,
     /// What the probe measured beyond success and phases.
     pub measurements: Vec<Measurement>,
+    /// Findings for people that are no failure (see [`Run::notes`]).
+    pub notes: Vec<String>,
     /// For `live`: the address DNS handed out and the environment it belongs to.
     pub resolved: Option<(IpAddr, String)>,
     /// When the run started, Unix seconds.

@@ -618,6 +618,8 @@ impl WebmailLoginProbe {
             }
             state.last_differences = Some(differences.clone());
         }
+        run.notes
+            .extend(differences.iter().map(|d| format!("webmail differs from old's: {d}")));
         run.measurements.push(Measurement::WebmailLogin(Measured::Parity {
             equal: differences.is_empty(),
             differences,
