@@ -577,38 +577,56 @@ fn a_watcher_reconnects_after_dovecot_restarts_and_misses_nothing() {
     purge(&format!("instance={instance}"));
 }
 
+/// new's Postfix configuration directory.
+fn new_postfix() -> String {
+    format!("{}/new/postfix", lab().var("DIR"))
+}
+
+/// Runs a Postfix command, asserting it succeeded; returns what it printed.
+fn postfix(args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Holds delivery on new while it lives: submitted mails are accepted and
+/// stay in the queue. Dropped, even on failure, it releases them.
+struct Release(String);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("postconf")
+            .args(["-c", &self.0, "-e", "defer_transports="])
+            .status();
+        let _ = std::process::Command::new("postfix")
+            .args(["-c", &self.0, "reload"])
+            .status();
+        // The reload restarts qmgr asynchronously: flush once it runs with the new setting.
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = std::process::Command::new("postqueue")
+            .args(["-c", &self.0, "-f"])
+            .status();
+    }
+}
+
+/// Defers local delivery on new (`defer_transports=lmtp`) until the guard is dropped.
+fn hold_delivery() -> Release {
+    let conf = new_postfix();
+    let release = Release(conf.clone());
+    postfix(&["postconf", "-c", &conf, "-e", "defer_transports=lmtp"]);
+    postfix(&["postfix", "-c", &conf, "reload"]);
+    release
+}
+
 #[test]
 fn held_queue_makes_mail_late_release_delivers_all_and_deleted_mail_is_lost() {
     let storage = tempfile::tempdir().unwrap();
     let _purge = PurgeOnDrop(storage.path().to_owned());
-    let lab_dir = lab().var("DIR").to_string();
-    let conf = format!("{lab_dir}/new/postfix");
-    let postfix = |args: &[&str]| {
-        let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    // Defer local delivery on new; the guard releases it even on failure.
-    struct Release(String);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("postconf")
-                .args(["-c", &self.0, "-e", "defer_transports="])
-                .status();
-            let _ = std::process::Command::new("postfix")
-                .args(["-c", &self.0, "reload"])
-                .status();
-            // The reload restarts qmgr asynchronously: flush once it runs with the new setting.
-            std::thread::sleep(Duration::from_millis(1500));
-            let _ = std::process::Command::new("postqueue")
-                .args(["-c", &self.0, "-f"])
-                .status();
-        }
-    }
+    let conf = new_postfix();
     let d = start(
         &config(
             "2s",
@@ -626,9 +644,7 @@ fn held_queue_makes_mail_late_release_delivers_all_and_deleted_mail_is_lost() {
         |v| v >= 1.0,
         Duration::from_secs(30),
     );
-    let release = Release(conf.clone());
-    postfix(&["postconf", "-c", &conf, "-e", "defer_transports=lmtp"]);
-    postfix(&["postfix", "-c", &conf, "reload"]);
+    let release = hold_delivery();
     d.wait_for("cutover_mail_in_flight", &labels, |v| v >= 3.0, Duration::from_secs(30));
     d.wait_for(
         "cutover_mail_late_total",
@@ -659,9 +675,7 @@ fn held_queue_makes_mail_late_release_delivers_all_and_deleted_mail_is_lost() {
     let delivered_before = value(&d, "cutover_mail_delivered_total", &labels);
 
     // Hold again and delete what is queued: those are lost after lost_after.
-    let release = Release(conf.clone());
-    postfix(&["postconf", "-c", &conf, "-e", "defer_transports=lmtp"]);
-    postfix(&["postfix", "-c", &conf, "reload"]);
+    let release = hold_delivery();
     d.wait_for("cutover_mail_in_flight", &labels, |v| v >= 2.0, Duration::from_secs(30));
     let deleted_at = cutover_monitor::unix_now();
     postfix(&["postsuper", "-c", &conf, "-d", "ALL"]);
