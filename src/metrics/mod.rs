@@ -188,7 +188,14 @@ pub const CATALOG: &[(&str, &str)] = &[
         "cutover_mail_late_total",
         "Probe mails not found within `late_after` (each counted once, even if delivered later).",
     ),
-    ("cutover_mail_lost_total", "Probe mails not found within `lost_after`."),
+    (
+        "cutover_mail_lost_total",
+        "Probe mails not found within `lost_after`; those found later stay counted here and in cutover_mail_recovered_total.",
+    ),
+    (
+        "cutover_mail_recovered_total",
+        "Probe mails found after they were counted lost; lost minus recovered is the net loss.",
+    ),
     (
         "cutover_mail_duplicates_total",
         "Extra copies of probe mails that had already been delivered.",
