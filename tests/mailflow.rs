@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, lab, lab_script};
@@ -879,4 +881,152 @@ fn a_mail_that_arrived_while_the_daemon_was_down_counts_late_not_lost() {
     assert_balanced(&d, storage.path(), "new");
     drop(d);
     purge(&own);
+}
+
+/// A FETCH response imap-proto 0.17 panics on (it unwraps INTERNALDATE's
+/// nstring, and `NIL` is one; src/probe/imap.rs pins that). Plain ASCII, so
+/// the probe's stream guard lets it through. Real servers do not send it on
+/// demand, hence a fake in front of the real one.
+const PANICS_IMAP_PROTO: &[u8] = b"* 1 FETCH (UID 1 INTERNALDATE NIL)\r\n";
+
+/// An IMAP server in this process, in plain text on 127.0.0.20 (new's
+/// address, another port), relaying each connection to new's Dovecot over
+/// TLS. On the first connection it answers the client's IDLE with
+/// [`PANICS_IMAP_PROTO`]; the others it relays untouched. Returns its port
+/// and how many connections it accepted.
+fn poisoning_proxy(rt: &tokio::runtime::Runtime) -> (u16, Arc<AtomicUsize>) {
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(lab().var("CA")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.20:0")).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    rt.spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let poison = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(tcp) = tokio::net::TcpStream::connect("127.0.0.20:993").await else {
+                    return;
+                };
+                let name = rustls::pki_types::ServerName::try_from("imap.example.test").unwrap();
+                if let Ok(upstream) = tls.connect(name, tcp).await {
+                    relay(client, upstream, poison).await;
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+/// Relays bytes both ways until either side closes; with `poison`, sends
+/// [`PANICS_IMAP_PROTO`] once after the server's answer to IDLE.
+async fn relay<S>(client: tokio::net::TcpStream, upstream: S, poison: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = tokio::io::split(upstream);
+    let (mut up, mut down) = ([0u8; 16 * 1024], [0u8; 16 * 1024]);
+    let (mut idling, mut poisoned) = (false, !poison);
+    loop {
+        tokio::select! {
+            n = from_client.read(&mut up) => {
+                let Ok(n @ 1..) = n else { return };
+                idling |= up[..n].ends_with(b" IDLE\r\n");
+                if to_server.write_all(&up[..n]).await.is_err() || to_server.flush().await.is_err() {
+                    return;
+                }
+            }
+            n = from_server.read(&mut down) => {
+                let Ok(n @ 1..) = n else { return };
+                if to_client.write_all(&down[..n]).await.is_err() {
+                    return;
+                }
+                // Dovecot's `+ idling` ends its line: the poison is a line of its own.
+                if idling && !poisoned && down[..n].ends_with(b"\r\n") {
+                    poisoned = true;
+                    let _ = to_client.write_all(PANICS_IMAP_PROTO).await;
+                }
+            }
+        }
+    }
+}
+
+/// Issue 14.1: a watcher whose IMAP library panics is restarted (counted
+/// once, logged once) and watches again: a mail sent through the real lab
+/// Postfix after the panic is found and counted delivered.
+#[test]
+fn a_watcher_whose_imap_library_panics_is_restarted_and_finds_mail_again() {
+    let storage = tempfile::tempdir().unwrap();
+    let _purge = PurgeOnDrop(storage.path().to_owned());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (port, connections) = poisoning_proxy(&rt);
+    let yaml = format!(
+        "defaults:
+  ca_file: {{{{CA}}}}
+environments:
+  new: {{addresses: [127.0.0.20]}}
+credentials:
+  probe: {{username: probe@example.test, password_file: {{{{PASSWORD_FILE}}}}}}
+  other: {{username: other@example.test, password_file: {{{{PASSWORD_FILE}}}}}}
+checks:
+  - name: flow
+    kind: mailflow
+    envs: [new]
+    interval: 2s
+    timeout: 1500ms
+{SHORT_AGES}    send: {SUBMISSION}
+    watch:
+      - {{env: new, host: imap.example.test, port: {port}, tls: none, credentials: other}}
+"
+    );
+    let d = start(&yaml, storage.path());
+    let watcher = [("task", "mailflow_watch:flow:new:INBOX")];
+    d.wait_for(
+        "cutover_task_restarts_total",
+        &watcher,
+        |v| v >= 1.0,
+        Duration::from_secs(30),
+    );
+    let restarted_at = cutover_monitor::unix_now();
+    let labels = [("check", "flow"), ("route", "new")];
+    // A mail accepted after the panic, found by the restarted watcher.
+    wait_until("a mail sent after the panic delivered", Duration::from_secs(30), || {
+        count(
+            &ledger(storage.path()),
+            &format!("SELECT COUNT(*) FROM mails WHERE state = 'delivered' AND accepted > {restarted_at}"),
+        ) >= 1
+    });
+    assert!(value(&d, "cutover_mail_delivered_total", &labels) >= 1.0);
+    let logs = d.logs();
+    assert_eq!(value(&d, "cutover_task_restarts_total", &watcher), 1.0, "{logs}");
+    assert_eq!(
+        d.scrape()
+            .get("cutover_task_restarts_total", &[("task", "mailflow_sweep:flow")]),
+        Some(0.0)
+    );
+    // One panic, one connection that stays: no restart loop.
+    assert_eq!(connections.load(Ordering::SeqCst), 2, "{logs}");
+    let stopped: Vec<&str> = logs.lines().filter(|l| l.contains("background task stopped")).collect();
+    assert_eq!(stopped.len(), 1, "{logs}");
+    assert!(
+        stopped[0].contains("mailflow_watch:flow:new:INBOX") && stopped[0].contains("panicked"),
+        "{}",
+        stopped[0]
+    );
+    settle_then_assert_none_lost(&d, storage.path(), &labels);
+    assert_balanced(&d, storage.path(), "new");
+    let (instance, _) = identity(storage.path());
+    drop(d);
+    purge(&format!("instance={instance}"));
 }

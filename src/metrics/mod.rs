@@ -161,6 +161,10 @@ pub const CATALOG: &[(&str, &str)] = &[
     ),
     ("cutover_build_info", "Build information; always 1."),
     (
+        "cutover_task_restarts_total",
+        "Times a long-lived background task (a mailflow watcher or sweep) stopped, by a panic, and was started again.",
+    ),
+    (
         "cutover_migration_phase",
         "The migration phase in force (preparation, window, switched, decommission): 1 for the current one, 0 for the others; all 0 outside every phase.",
     ),
@@ -315,6 +319,7 @@ pub struct Metrics {
     instances: Gauge,
     reload_ok: Gauge,
     reload_ts: Gauge,
+    task_restarts: IntCounterVec,
     /// Each kind's own series, in [`Metrics::new`]'s list.
     kinds: Vec<Box<dyn KindSeries>>,
     /// The customer-domain audits' series, also restored from disk and counted by the audit store.
@@ -390,6 +395,7 @@ impl Metrics {
             instances: single("cutover_check_instances"),
             reload_ok: single("cutover_config_last_reload_successful"),
             reload_ts: single("cutover_config_last_reload_success_timestamp_seconds"),
+            task_restarts: counter(r, "cutover_task_restarts_total", &["task"]),
             kinds,
             hosted,
             touched: Mutex::new(HashMap::new()),
@@ -552,6 +558,22 @@ impl Metrics {
     /// Records how long a scheduled run waited for a probe slot.
     pub fn queue_waited(&self, waited: std::time::Duration) {
         self.queue_wait.observe(waited.as_secs_f64());
+    }
+
+    /// A background task was spawned: its restart counter exists from 0, so
+    /// `increase()` sees the first restart.
+    pub fn task_started(&self, task: &str) {
+        self.task_restarts.with_label_values(&[task]);
+    }
+
+    /// A background task stopped and is started again.
+    pub fn task_restarted(&self, task: &str) {
+        self.task_restarts.with_label_values(&[task]).inc();
+    }
+
+    /// A reload dropped a background task.
+    pub fn forget_task(&self, task: &str) {
+        let _ = self.task_restarts.remove_label_values(&[task]);
     }
 
     /// Sets the number of scheduled instances.

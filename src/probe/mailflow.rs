@@ -32,7 +32,7 @@ use sha2::Sha256;
 
 use super::imap::{ImapProbe, ImapSession};
 use super::smtp::{Outgoing, SmtpProbe};
-use super::{BackgroundContext, Failure, FailureReason, FieldError, Probe, Run};
+use super::{BackgroundContext, BackgroundTask, Failure, FailureReason, FieldError, Probe, Run};
 use crate::config::{Check, Credentials, ImapAuth, ImapExpect, ImapSpec, MailflowSpec, SmtpExpect, SmtpMode, SmtpSpec};
 use crate::ledger::{Ages, Found, Ledger, Losses, Sighting, random_hex};
 
@@ -240,20 +240,34 @@ impl Probe for MailflowProbe {
         })
     }
 
-    fn background(&self, ctx: &BackgroundContext) -> Vec<BoxFuture<'static, ()>> {
+    fn background(&self, ctx: &BackgroundContext) -> Vec<BackgroundTask> {
         *self.inner.ledger.lock().expect("ledger slot") = Some(ctx.ledger.clone());
         let _ = self.inner.watching_since.set(Instant::now());
-        let mut tasks: Vec<BoxFuture<'static, ()>> = (0..self.inner.watches.len())
-            .map(|i| Box::pin(watch_loop(self.inner.clone(), i, ctx.ledger.clone())) as BoxFuture<'static, ()>)
+        let check = &self.inner.check;
+        let mut tasks: Vec<BackgroundTask> = (0..self.inner.watches.len())
+            .map(|i| {
+                let w = &self.inner.watches[i];
+                let (inner, ledger) = (self.inner.clone(), ctx.ledger.clone());
+                BackgroundTask {
+                    name: format!("mailflow_watch:{check}:{}:{}", w.env, w.imap.mailbox_name()),
+                    start: Box::new(move || Box::pin(watch_loop(inner.clone(), i, ledger.clone()))),
+                }
+            })
             .collect();
         let (inner, ledger) = (self.inner.clone(), ctx.ledger.clone());
-        tasks.push(Box::pin(async move {
-            let mut tick = tokio::time::interval(inner.sweep_every());
-            loop {
-                tick.tick().await;
-                inner.sweep(&ledger);
-            }
-        }));
+        tasks.push(BackgroundTask {
+            name: format!("mailflow_sweep:{check}"),
+            start: Box::new(move || {
+                let (inner, ledger) = (inner.clone(), ledger.clone());
+                Box::pin(async move {
+                    let mut tick = tokio::time::interval(inner.sweep_every());
+                    loop {
+                        tick.tick().await;
+                        inner.sweep(&ledger);
+                    }
+                })
+            }),
+        });
         tasks
     }
 }
