@@ -13,7 +13,12 @@
 //! ledger. A row is written before its mail is sent (`intent`); a crash before
 //! the server's reply is recorded leaves `intent`, which becomes `send_unknown`:
 //! delivered if the mail shows up, `not_sent` (not lost: it may never have left)
-//! if it does not within `lost_after`.
+//! if it does not within `lost_after`. After a (re)start nothing is declared
+//! lost or `not_sent` until the watchers have searched every mailbox
+//! ([`Losses::Hold`]): a mail that arrived while the daemon was down is found,
+//! late, not lost. One found after it was counted lost anyway (a watcher was
+//! down past `lost_after`) is also counted `recovered`, so that `sent =
+//! delivered + lost - recovered + in flight` always holds.
 //!
 //! Calls are short synchronous transactions behind a mutex; probe traffic is a
 //! few mails a minute, far from needing a connection pool.
@@ -41,17 +46,22 @@ pub enum MailCount {
     Lost,
     /// `cutover_mail_duplicates_total`.
     Duplicate,
+    /// `cutover_mail_recovered_total`: found after it was counted lost. Lost
+    /// minus recovered is the net loss, so `sent = delivered + lost -
+    /// recovered + in flight` holds whatever the order of events.
+    Recovered,
 }
 
 impl MailCount {
     /// Every event, for reading totals back.
-    pub const ALL: [MailCount; 6] = [
+    pub const ALL: [MailCount; 7] = [
         Self::Sent,
         Self::SendFailure,
         Self::Delivered,
         Self::Late,
         Self::Lost,
         Self::Duplicate,
+        Self::Recovered,
     ];
 
     /// The name the ledger stores.
@@ -63,6 +73,7 @@ impl MailCount {
             Self::Late => "late",
             Self::Lost => "lost",
             Self::Duplicate => "duplicate",
+            Self::Recovered => "recovered",
         }
     }
 }
@@ -133,6 +144,19 @@ pub enum Sighting {
     AlreadyRecorded,
     /// Our own, verified, but unknown to this ledger (an earlier run's): recorded as stray.
     Stray,
+    /// First delivery of a mail already counted lost: counted delivered and recovered.
+    Recovered,
+}
+
+/// Whether a [`Ledger::sweep`] may close mails that were not found in time
+/// (`lost`, `not_sent`). Only the watchers know whether every mailbox has been
+/// searched since they started; until then a missing mail is unknown, not lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Losses {
+    /// Every watched mailbox has been searched: overdue mails are lost.
+    Declare,
+    /// Some mailbox has not been searched yet: overdue mails stay in flight.
+    Hold,
 }
 
 /// A probe mail as found in a mailbox.
@@ -151,6 +175,9 @@ pub struct Found<'a> {
     pub visible_at: f64,
     /// The Received hops, one per line, as far as they parsed.
     pub hops: &'a str,
+    /// The check's `late_after`: found later than this after it was accepted,
+    /// the mail is late even if no sweep said so yet (the daemon was down).
+    pub late_after: Duration,
 }
 
 /// One row, for the one-shot check and tests.
@@ -471,15 +498,15 @@ impl Ledger {
         if new == 0 {
             return Ok(Sighting::AlreadyRecorded);
         }
-        let row: Option<(String, String, String, Option<f64>)> = tx
+        let row: Option<(String, String, String, Option<f64>, bool)> = tx
             .query_row(
-                "SELECT check_name, route, state, accepted FROM mails WHERE id = ?1",
+                "SELECT check_name, route, state, accepted, late FROM mails WHERE id = ?1",
                 [f.id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(self.fail("reading a mail"))?;
-        let Some((check, route, state, accepted)) = row else {
+        let Some((check, route, state, accepted, late)) = row else {
             tx.execute(
                 "INSERT INTO mails (id, check_name, route, state, created, delivered_env, mailbox, visible, hops, finished)
                  VALUES (?1, '', '', 'stray', ?2, ?3, ?4, ?2, ?5, ?2)",
@@ -499,19 +526,33 @@ impl Ledger {
             }
             "stray" => (Sighting::Stray, None),
             other => {
+                let verdict = if other == "lost" {
+                    Sighting::Recovered
+                } else {
+                    Sighting::Delivered
+                };
                 // Not accepted as far as we know, yet here: it was sent after all.
                 if matches!(other, "intent" | "send_unknown" | "not_sent" | "send_failed") {
                     events.push(MailCount::Sent);
                 }
                 events.push(MailCount::Delivered);
+                // Counted lost already, and a counter cannot go back: the
+                // loss is undone by counting the recovery.
+                if other == "lost" {
+                    events.push(MailCount::Recovered);
+                }
                 let latency = accepted.map(|a| (f.visible_at - a).max(0.0));
+                let late_now = !late && latency.is_some_and(|l| l > f.late_after.as_secs_f64());
+                if late_now {
+                    events.push(MailCount::Late);
+                }
                 tx.execute(
                     "UPDATE mails SET state = 'delivered', delivered_env = ?2, mailbox = ?3, visible = ?4,
-                     latency = ?5, hops = ?6, finished = ?4 WHERE id = ?1",
-                    params![f.id, f.env, f.mailbox, f.visible_at, latency, f.hops],
+                     latency = ?5, hops = ?6, finished = ?4, late = late OR ?7 WHERE id = ?1",
+                    params![f.id, f.env, f.mailbox, f.visible_at, latency, f.hops, late_now],
                 )
                 .map_err(self.fail("recording a delivery"))?;
-                (Sighting::Delivered, latency)
+                (verdict, latency)
             }
         };
         for what in &events {
@@ -523,7 +564,7 @@ impl Ledger {
             let label = if what == MailCount::Delivered { f.env } else { "" };
             self.metrics.add(&check, &route, what, label, 1);
         }
-        if verdict == Sighting::Delivered {
+        if matches!(verdict, Sighting::Delivered | Sighting::Recovered) {
             self.metrics.delivered(&check, &route, f.env, latency, f.visible_at);
         }
         publish_flight(&conn, &self.metrics, &check, &route).map_err(self.fail("in-flight gauges"))?;
@@ -532,9 +573,10 @@ impl Ledger {
 
     /// Ages a check's mails on every route: interrupted sends older than
     /// `stale` become `send_unknown`, sent mails become late, then lost;
-    /// `send_unknown` mails never seen become `not_sent`; finished rows past
-    /// `retention` go. Also refreshes the in-flight gauges.
-    pub fn sweep(&self, check: &str, ages: &Ages) -> Result<(), LedgerError> {
+    /// `send_unknown` mails never seen become `not_sent` (both only with
+    /// [`Losses::Declare`]); finished rows past `retention` go. Also refreshes
+    /// the in-flight gauges.
+    pub fn sweep(&self, check: &str, ages: &Ages, losses: Losses) -> Result<(), LedgerError> {
         let routes: Vec<String> = {
             let conn = self.lock();
             let mut stmt = conn
@@ -545,12 +587,12 @@ impl Ledger {
                 .map_err(self.fail("listing routes"))?
         };
         for route in routes {
-            self.sweep_route(check, &route, ages)?;
+            self.sweep_route(check, &route, ages, losses)?;
         }
         Ok(())
     }
 
-    fn sweep_route(&self, check: &str, route: &str, ages: &Ages) -> Result<(), LedgerError> {
+    fn sweep_route(&self, check: &str, route: &str, ages: &Ages, losses: Losses) -> Result<(), LedgerError> {
         let t = now();
         let mut conn = self.lock();
         let tx = conn.transaction().map_err(self.fail("begin"))?;
@@ -567,19 +609,24 @@ impl Ledger {
                 params![check, route, t - ages.late_after.as_secs_f64()],
             )
             .map_err(self.fail("marking late mails"))?;
-        let lost = tx
-            .execute(
-                "UPDATE mails SET state = 'lost', finished = ?4 WHERE check_name = ?1 AND route = ?2 AND state = 'sent'
-                 AND accepted < ?3",
-                params![check, route, t - ages.lost_after.as_secs_f64(), t],
+        // Held: overdue mails stay in flight until every mailbox was searched.
+        let mut lost = 0;
+        if losses == Losses::Declare {
+            let overdue = t - ages.lost_after.as_secs_f64();
+            lost = tx
+                .execute(
+                    "UPDATE mails SET state = 'lost', finished = ?4 WHERE check_name = ?1 AND route = ?2
+                     AND state = 'sent' AND accepted < ?3",
+                    params![check, route, overdue, t],
+                )
+                .map_err(self.fail("marking lost mails"))?;
+            tx.execute(
+                "UPDATE mails SET state = 'not_sent', finished = ?4 WHERE check_name = ?1 AND route = ?2
+                 AND state = 'send_unknown' AND created < ?3",
+                params![check, route, overdue, t],
             )
-            .map_err(self.fail("marking lost mails"))?;
-        tx.execute(
-            "UPDATE mails SET state = 'not_sent', finished = ?4 WHERE check_name = ?1 AND route = ?2
-             AND state = 'send_unknown' AND created < ?3",
-            params![check, route, t - ages.lost_after.as_secs_f64(), t],
-        )
-        .map_err(self.fail("closing unknown sends"))?;
+            .map_err(self.fail("closing unknown sends"))?;
+        }
         let cutoff = t - ages.retention.as_secs_f64();
         tx.execute(
             "DELETE FROM sightings WHERE id IN (SELECT id FROM mails WHERE finished < ?1)",
@@ -712,6 +759,7 @@ mod tests {
             uid,
             visible_at: now(),
             hops: "",
+            late_after: Duration::from_secs(60),
         }
     }
 
@@ -774,7 +822,154 @@ mod tests {
         };
         l.intent("c", "c", "new").unwrap();
         l.accepted("c", now() - 1.0, "250").unwrap();
-        l.sweep("c", &ages).unwrap();
+        l.sweep("c", &ages, Losses::Declare).unwrap();
         assert_eq!(l.entry("c").unwrap().unwrap().state, "lost");
+    }
+
+    #[test]
+    fn a_mail_found_past_late_after_is_late_once_whether_or_not_a_sweep_said_so() {
+        let counted = Arc::new(Counting::default());
+        let l = Ledger::in_memory(counted.clone()).unwrap();
+        let late_after = Duration::from_secs(60);
+        // The daemon was down: no sweep ran between acceptance and sighting.
+        l.intent("a", "c", "new").unwrap();
+        l.accepted("a", now() - 90.0, "250").unwrap();
+        l.found(&Found {
+            late_after,
+            ..found("a", 1)
+        })
+        .unwrap();
+        // A sweep marked it late before it was found.
+        l.intent("b", "c", "new").unwrap();
+        l.accepted("b", now() - 90.0, "250").unwrap();
+        let ages = Ages {
+            stale: late_after,
+            late_after,
+            lost_after: Duration::from_secs(3600),
+            retention: Duration::from_secs(3600),
+        };
+        l.sweep("c", &ages, Losses::Declare).unwrap();
+        l.found(&Found {
+            late_after,
+            ..found("b", 2)
+        })
+        .unwrap();
+        // On time.
+        l.intent("o", "c", "new").unwrap();
+        l.accepted("o", now() - 1.0, "250").unwrap();
+        l.found(&Found {
+            late_after,
+            ..found("o", 3)
+        })
+        .unwrap();
+        assert_eq!(counted.0.lock().unwrap().0.get("late"), Some(&2));
+        assert_balanced(&l, &counted, "late deliveries");
+    }
+
+    /// The counters a scrape would show, as the ledger published them.
+    #[derive(Default)]
+    struct Counting(Mutex<(std::collections::HashMap<&'static str, u64>, u64)>);
+
+    impl MailSink for Counting {
+        fn add(&self, _: &str, _: &str, what: MailCount, _: &str, n: u64) {
+            *self.0.lock().unwrap().0.entry(what.as_str()).or_default() += n;
+        }
+        fn delivered(&self, _: &str, _: &str, _: &str, _: Option<f64>, _: f64) {}
+        fn in_flight(&self, _: &str, _: &str, count: u64, _: f64) {
+            self.0.lock().unwrap().1 = count;
+        }
+    }
+
+    /// Asserts `sent = delivered + lost - recovered + in flight` twice: in
+    /// the ledger (stored totals and the rows still in flight) and in the
+    /// counters it published.
+    fn assert_balanced(l: &Ledger, counted: &Counting, step: &str) {
+        let (ledger, in_flight) = {
+            let conn = l.lock();
+            let total = |event: &str| -> i64 {
+                conn.query_row(
+                    "SELECT COALESCE(SUM(value), 0) FROM totals WHERE event = ?1",
+                    [event],
+                    |r| r.get(0),
+                )
+                .unwrap()
+            };
+            let in_flight: i64 = conn
+                .query_row("SELECT COUNT(*) FROM mails WHERE state = 'sent'", [], |r| r.get(0))
+                .unwrap();
+            let ledger = ["sent", "delivered", "lost", "recovered"].map(total);
+            (ledger, in_flight)
+        };
+        let [sent, delivered, lost, recovered] = ledger;
+        assert_eq!(
+            sent,
+            delivered + lost - recovered + in_flight,
+            "ledger after {step}: {ledger:?}"
+        );
+        let (counters, gauge) = &*counted.0.lock().unwrap();
+        let c = |event: &str| counters.get(event).copied().unwrap_or(0) as i64;
+        assert_eq!(
+            c("sent"),
+            c("delivered") + c("lost") - c("recovered") + *gauge as i64,
+            "counters after {step}: {counters:?}, in flight {gauge}"
+        );
+        assert_eq!(
+            ledger,
+            ["sent", "delivered", "lost", "recovered"].map(c),
+            "after {step}"
+        );
+    }
+
+    #[test]
+    fn sent_is_delivered_plus_net_lost_plus_in_flight_whatever_the_order() {
+        let counted = Arc::new(Counting::default());
+        let l = Ledger::in_memory(counted.clone()).unwrap();
+        let overdue = Ages {
+            stale: Duration::ZERO,
+            late_after: Duration::ZERO,
+            lost_after: Duration::ZERO,
+            retention: Duration::from_secs(3600),
+        };
+        let send = |id: &str| {
+            l.intent(id, "c", "new").unwrap();
+            l.accepted(id, now() - 1.0, "250").unwrap();
+        };
+        send("a");
+        assert_eq!(l.found(&found("a", 1)).unwrap(), Sighting::Delivered);
+        assert_balanced(&l, &counted, "an ordinary delivery");
+
+        // Overdue, but not every mailbox has been searched since a restart.
+        send("b");
+        l.sweep("c", &overdue, Losses::Hold).unwrap();
+        assert_eq!(l.entry("b").unwrap().unwrap().state, "sent");
+        assert_balanced(&l, &counted, "a held sweep");
+
+        // Declared lost, then found after all: recovered, once.
+        l.sweep("c", &overdue, Losses::Declare).unwrap();
+        assert_eq!(l.entry("b").unwrap().unwrap().state, "lost");
+        assert_balanced(&l, &counted, "a loss");
+        assert_eq!(l.found(&found("b", 2)).unwrap(), Sighting::Recovered);
+        let b = l.entry("b").unwrap().unwrap();
+        assert_eq!((b.state.as_str(), b.latency.is_some()), ("delivered", true));
+        assert_balanced(&l, &counted, "a recovery");
+        assert_eq!(l.found(&found("b", 3)).unwrap(), Sighting::Duplicate);
+        assert_balanced(&l, &counted, "a copy of a recovered mail");
+
+        // Lost for good.
+        send("d");
+        l.sweep("c", &overdue, Losses::Declare).unwrap();
+        assert_balanced(&l, &counted, "a loss for good");
+
+        // A crash hid the reply: not sent, then found after all.
+        l.intent("e", "c", "new").unwrap();
+        l.sweep("c", &overdue, Losses::Declare).unwrap();
+        assert_eq!(l.entry("e").unwrap().unwrap().state, "not_sent");
+        assert_eq!(l.found(&found("e", 4)).unwrap(), Sighting::Delivered);
+        assert_balanced(&l, &counted, "a send whose reply a crash hid");
+
+        send("f");
+        assert_balanced(&l, &counted, "one in flight");
+        let c = &counted.0.lock().unwrap().0;
+        assert_eq!((c["lost"], c["recovered"], c["delivered"]), (2, 1, 3));
     }
 }

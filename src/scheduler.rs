@@ -6,6 +6,10 @@
 //! Results are published to [`Metrics`] as they arrive; scraping never runs a
 //! probe. The log gets one line per state change of an instance (up, down, or
 //! a different failure reason), never one per success.
+//!
+//! A panic never ends anything silently: a probe run that panics fails, and a
+//! probe's long-lived background task that panics is restarted by
+//! [`supervise`] with a backoff and counted in `cutover_task_restarts_total`.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -21,7 +25,9 @@ use crate::audits::AuditStore;
 use crate::config::{EnvKind, Kind, KindSpec, ResolverAddr};
 use crate::ledger::Ledger;
 use crate::metrics::{Instance, Metrics};
-use crate::probe::{BackgroundContext, Config, Failure, FailureReason, InPhase, Measurement, Outcome, Probe, Run};
+use crate::probe::{
+    BackgroundContext, BackgroundTask, Config, Failure, FailureReason, InPhase, Measurement, Outcome, Probe, Run,
+};
 
 /// A check with its built probe.
 pub type LoadedCheck = crate::config::LoadedCheck<Arc<dyn Probe>>;
@@ -126,11 +132,7 @@ async fn run_admitted(spec: &InstanceSpec, config: &Config) -> Outcome {
     let result = match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(result)) => result,
         Ok(Err(panic)) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let what = panic_text(&*panic);
             tracing::error!(check = %spec.inst.check, env = %spec.inst.env, panic = %crate::probe::sanitize(&what), "probe panicked; this is a bug");
             Err(Failure::new(
                 FailureReason::Protocol,
@@ -153,6 +155,16 @@ async fn run_admitted(spec: &InstanceSpec, config: &Config) -> Outcome {
         resolved,
         started_at,
     }
+}
+
+/// What a panic said, when it said it with a string (as `panic!` and
+/// `unwrap` do).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 async fn attempt(
@@ -277,7 +289,8 @@ pub struct Scheduler {
     /// Given by the daemon: then each check's [`crate::probe::Probe::background`]
     /// tasks run alongside its instances.
     background: Option<BackgroundContext>,
-    background_tasks: Vec<JoinHandle<()>>,
+    /// Each running background task under its supervisor, by name.
+    background_tasks: Vec<(String, JoinHandle<()>)>,
     storage: Option<PathBuf>,
 }
 
@@ -351,15 +364,24 @@ impl Scheduler {
                 .iter()
                 .any(|s| &s.inst.check == check && s.inst.kind == Kind::HostedDomains)
         });
-        for task in self.background_tasks.drain(..) {
+        let mut gone: Vec<String> = Vec::new();
+        for (name, task) in self.background_tasks.drain(..) {
             task.abort();
+            gone.push(name);
         }
         if let Some(ctx) = &self.background {
             for loaded in &config.checks {
                 for task in loaded.probe.background(ctx) {
-                    self.background_tasks.push(tokio::spawn(task));
+                    gone.retain(|n| *n != task.name);
+                    self.shared.metrics.task_started(&task.name);
+                    let name = task.name.clone();
+                    self.background_tasks
+                        .push((name, tokio::spawn(supervise(task, self.shared.clone()))));
                 }
             }
+        }
+        for name in gone {
+            self.shared.metrics.forget_task(&name);
         }
         for spec in specs {
             let inst = spec.inst.clone();
@@ -373,9 +395,47 @@ impl Scheduler {
         for (_, task) in self.tasks.drain(..) {
             task.abort();
         }
-        for task in self.background_tasks.drain(..) {
+        for (_, task) in self.background_tasks.drain(..) {
             task.abort();
         }
+    }
+}
+
+/// First wait before a background task is started again.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+/// The wait doubles up to this, and starts over once a run lasted this long.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Runs a probe's background task for as long as its config is applied. A
+/// panic in it (a bug, or a protocol library tripped by a hostile server:
+/// imap-proto is known to panic) would otherwise end it silently, and a
+/// mailbox watcher would stop watching until the next reload while its mails
+/// count late or lost. Each end is counted in `cutover_task_restarts_total`
+/// and logged once per different cause, and the task starts again after a
+/// backoff. The tasks loop forever: one that returns is restarted too.
+async fn supervise(task: BackgroundTask, shared: Arc<Shared>) {
+    let mut backoff = RESTART_BACKOFF;
+    let mut last_cause: Option<String> = None;
+    loop {
+        let started = Instant::now();
+        let ended = std::panic::AssertUnwindSafe((task.start)()).catch_unwind().await;
+        let cause = match ended {
+            Ok(()) => "returned".to_string(),
+            Err(panic) => format!("panicked: {}", crate::probe::sanitize(&panic_text(&*panic))),
+        };
+        if started.elapsed() >= RESTART_BACKOFF_MAX {
+            backoff = RESTART_BACKOFF;
+        }
+        if last_cause.as_deref() != Some(cause.as_str()) {
+            tracing::error!(
+                task = %task.name, cause = %cause, restart_in_seconds = backoff.as_secs_f64(),
+                "background task stopped; restarting it (this is a bug)"
+            );
+            last_cause = Some(cause);
+        }
+        shared.metrics.task_restarted(&task.name);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
     }
 }
 
@@ -462,6 +522,39 @@ mod tests {
                 failure.detail
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_background_task_that_panics_is_counted_and_started_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let shared = Shared::new(Metrics::new());
+        let starts = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let counted = starts.clone();
+        let task = BackgroundTask {
+            name: "mailflow_watch:flow:new:INBOX".into(),
+            start: Box::new(move || {
+                let (n, tx) = (counted.fetch_add(1, Ordering::SeqCst), tx.clone());
+                Box::pin(async move {
+                    if n == 0 {
+                        panic!("hostile input");
+                    }
+                    tx.send(n).unwrap();
+                    futures::future::pending::<()>().await
+                })
+            }),
+        };
+        shared.metrics.task_started(&task.name);
+        let restarts = "cutover_task_restarts_total{task=\"mailflow_watch:flow:new:INBOX\"}";
+        assert!(shared.metrics.encode().contains(&format!("{restarts} 0")));
+        let supervisor = tokio::spawn(supervise(task, shared.clone()));
+        let second = tokio::time::timeout(RESTART_BACKOFF * 5, rx.recv()).await;
+        assert_eq!(second.ok().flatten(), Some(1), "not started again");
+        assert!(shared.metrics.encode().contains(&format!("{restarts} 1")));
+        assert!(!supervisor.is_finished());
+        supervisor.abort();
+        shared.metrics.forget_task("mailflow_watch:flow:new:INBOX");
+        assert!(!shared.metrics.encode().contains("mailflow_watch"));
     }
 
     #[test]

@@ -62,6 +62,7 @@ fn readme_metrics() -> BTreeMap<String, (String, BTreeSet<String>)> {
 const LAZY: &[&str] = &[
     "cutover_mail_late_total",
     "cutover_mail_lost_total",
+    "cutover_mail_recovered_total",
     "cutover_mail_duplicates_total",
     "cutover_mail_send_failures_total",
 ];

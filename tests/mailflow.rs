@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, lab, lab_script};
@@ -577,38 +579,56 @@ fn a_watcher_reconnects_after_dovecot_restarts_and_misses_nothing() {
     purge(&format!("instance={instance}"));
 }
 
+/// new's Postfix configuration directory.
+fn new_postfix() -> String {
+    format!("{}/new/postfix", lab().var("DIR"))
+}
+
+/// Runs a Postfix command, asserting it succeeded; returns what it printed.
+fn postfix(args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Holds delivery on new while it lives: submitted mails are accepted and
+/// stay in the queue. Dropped, even on failure, it releases them.
+struct Release(String);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("postconf")
+            .args(["-c", &self.0, "-e", "defer_transports="])
+            .status();
+        let _ = std::process::Command::new("postfix")
+            .args(["-c", &self.0, "reload"])
+            .status();
+        // The reload restarts qmgr asynchronously: flush once it runs with the new setting.
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = std::process::Command::new("postqueue")
+            .args(["-c", &self.0, "-f"])
+            .status();
+    }
+}
+
+/// Defers local delivery on new (`defer_transports=lmtp`) until the guard is dropped.
+fn hold_delivery() -> Release {
+    let conf = new_postfix();
+    let release = Release(conf.clone());
+    postfix(&["postconf", "-c", &conf, "-e", "defer_transports=lmtp"]);
+    postfix(&["postfix", "-c", &conf, "reload"]);
+    release
+}
+
 #[test]
 fn held_queue_makes_mail_late_release_delivers_all_and_deleted_mail_is_lost() {
     let storage = tempfile::tempdir().unwrap();
     let _purge = PurgeOnDrop(storage.path().to_owned());
-    let lab_dir = lab().var("DIR").to_string();
-    let conf = format!("{lab_dir}/new/postfix");
-    let postfix = |args: &[&str]| {
-        let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    // Defer local delivery on new; the guard releases it even on failure.
-    struct Release(String);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("postconf")
-                .args(["-c", &self.0, "-e", "defer_transports="])
-                .status();
-            let _ = std::process::Command::new("postfix")
-                .args(["-c", &self.0, "reload"])
-                .status();
-            // The reload restarts qmgr asynchronously: flush once it runs with the new setting.
-            std::thread::sleep(Duration::from_millis(1500));
-            let _ = std::process::Command::new("postqueue")
-                .args(["-c", &self.0, "-f"])
-                .status();
-        }
-    }
+    let conf = new_postfix();
     let d = start(
         &config(
             "2s",
@@ -626,9 +646,7 @@ fn held_queue_makes_mail_late_release_delivers_all_and_deleted_mail_is_lost() {
         |v| v >= 1.0,
         Duration::from_secs(30),
     );
-    let release = Release(conf.clone());
-    postfix(&["postconf", "-c", &conf, "-e", "defer_transports=lmtp"]);
-    postfix(&["postfix", "-c", &conf, "reload"]);
+    let release = hold_delivery();
     d.wait_for("cutover_mail_in_flight", &labels, |v| v >= 3.0, Duration::from_secs(30));
     d.wait_for(
         "cutover_mail_late_total",
@@ -659,9 +677,7 @@ fn held_queue_makes_mail_late_release_delivers_all_and_deleted_mail_is_lost() {
     let delivered_before = value(&d, "cutover_mail_delivered_total", &labels);
 
     // Hold again and delete what is queued: those are lost after lost_after.
-    let release = Release(conf.clone());
-    postfix(&["postconf", "-c", &conf, "-e", "defer_transports=lmtp"]);
-    postfix(&["postfix", "-c", &conf, "reload"]);
+    let release = hold_delivery();
     d.wait_for("cutover_mail_in_flight", &labels, |v| v >= 2.0, Duration::from_secs(30));
     let deleted_at = cutover_monitor::unix_now();
     postfix(&["postsuper", "-c", &conf, "-d", "ALL"]);
@@ -731,6 +747,285 @@ fn live_follows_the_mx_switch_and_the_ledger_shows_where_each_mail_landed() {
     assert!(landed[first_new..].iter().all(|e| e == "new"), "{landed:?}");
     // No mail sent around the switch went missing.
     settle_then_assert_none_lost(&d, storage.path(), &labels);
+    let (instance, _) = identity(storage.path());
+    drop(d);
+    purge(&format!("instance={instance}"));
+}
+
+/// Asserts `sent = delivered + lost - recovered + in flight` for a route,
+/// twice: in the ledger (its stored totals and the rows still in flight) and
+/// in the counters a scrape shows. Nothing may be `send_unknown` (which the
+/// in-flight gauge counts but `sent` does not yet).
+fn assert_balanced(d: &Daemon, storage: &Path, route: &str) {
+    let db = ledger(storage);
+    let total = |event: &str| {
+        count(
+            &db,
+            &format!(
+                "SELECT COALESCE(SUM(value), 0) FROM totals WHERE check_name = 'flow' AND route = '{route}' AND event = '{event}'"
+            ),
+        )
+    };
+    let [sent, delivered, lost, recovered] = ["sent", "delivered", "lost", "recovered"].map(total);
+    let rows = |state: &str| {
+        count(
+            &db,
+            &format!(
+                "SELECT COUNT(*) FROM mails WHERE check_name = 'flow' AND route = '{route}' AND state = '{state}'"
+            ),
+        )
+    };
+    assert_eq!(rows("send_unknown"), 0);
+    let in_flight = rows("sent");
+    assert_eq!(
+        sent,
+        delivered + lost - recovered + in_flight,
+        "ledger: sent {sent}, delivered {delivered}, lost {lost}, recovered {recovered}, in flight {in_flight}"
+    );
+    let scrape = d.scrape();
+    let labels = [("check", "flow"), ("route", route)];
+    let c = |name: &str| scrape.sum(name, &labels);
+    let counters = [
+        "cutover_mail_sent_total",
+        "cutover_mail_delivered_total",
+        "cutover_mail_lost_total",
+        "cutover_mail_recovered_total",
+        "cutover_mail_in_flight",
+    ]
+    .map(c);
+    let [sent_c, delivered_c, lost_c, recovered_c, in_flight_c] = counters;
+    assert_eq!(
+        sent_c,
+        delivered_c + lost_c - recovered_c + in_flight_c,
+        "counters: sent, delivered, lost, recovered, in flight = {counters:?}"
+    );
+    assert_eq!(
+        [sent_c, delivered_c, lost_c, recovered_c],
+        [sent, delivered, lost, recovered].map(|v| v as f64),
+        "the counters equal the ledger"
+    );
+}
+
+/// Issue 14.10: a mail accepted while the daemon was down past `lost_after`
+/// was counted lost at start-up and found in the same second. Now the
+/// watchers search every mailbox before anything may be declared lost.
+#[test]
+fn a_mail_that_arrived_while_the_daemon_was_down_counts_late_not_lost() {
+    let storage = tempfile::tempdir().unwrap();
+    let _purge = PurgeOnDrop(storage.path().to_owned());
+    let labels = [("check", "flow"), ("route", "new")];
+    let ages = "    late_after: 3s\n    lost_after: 8s\n";
+    let lost_after = Duration::from_secs(8);
+    let held = hold_delivery();
+    let mut d = start(&config("2s", "1500ms", ages, "new", SUBMISSION), storage.path());
+    d.wait_for(
+        "cutover_mail_sent_total",
+        &labels,
+        |v| v >= 1.0,
+        Duration::from_secs(30),
+    );
+    d.signal("TERM");
+    assert!(d.wait_exit(Duration::from_secs(5)).is_some(), "{}", d.logs());
+    drop(d);
+    let db = ledger(storage.path());
+    let held_mails = count(&db, "SELECT COUNT(*) FROM mails WHERE state = 'sent'");
+    let last_accepted: f64 = db
+        .query_row("SELECT MAX(accepted) FROM mails WHERE state = 'sent'", [], |r| r.get(0))
+        .unwrap();
+    drop(db);
+    assert!(held_mails >= 1, "{:?}", states(storage.path()));
+    // Down for longer than lost_after, then the queue is released: the mails
+    // are in the mailbox before the daemon is back.
+    let due = last_accepted + lost_after.as_secs_f64() + 2.0;
+    std::thread::sleep(Duration::from_secs_f64((due - cutover_monitor::unix_now()).max(0.0)));
+    drop(held);
+    let (instance, _) = identity(storage.path());
+    let own = format!("instance={instance}");
+    wait_until("the held mails in new's mailbox", Duration::from_secs(30), || {
+        let _ = std::process::Command::new("postqueue")
+            .args(["-c", &new_postfix(), "-f"])
+            .status();
+        messages("new").iter().filter(|(_, t)| t.contains(&own)).count() as i64 >= held_mails
+    });
+    // Back, sending nothing more this hour: only the held mails are counted.
+    let d = start(&config("1h", "10s", ages, "new", SUBMISSION), storage.path());
+    wait_until("the held mails delivered", Duration::from_secs(30), || {
+        count(
+            &ledger(storage.path()),
+            "SELECT COUNT(*) FROM mails WHERE state = 'sent'",
+        ) == 0
+    });
+    // Sweeps keep running: still nothing lost a few sweeps later.
+    std::thread::sleep(Duration::from_secs(3));
+    let db = ledger(storage.path());
+    let s = states(storage.path());
+    // The held mails (a send at this hour's slot, if it came, is not one).
+    let latencies: Vec<f64> = column(
+        &db,
+        &format!("SELECT latency FROM mails WHERE state = 'delivered' AND late = 1 AND accepted <= {last_accepted}"),
+    );
+    println!("held {held_mails}; states {s:?}; latencies {latencies:?}");
+    assert_eq!(s.get("lost"), None, "{s:?}\n{}", d.logs());
+    assert_eq!(latencies.len() as i64, held_mails, "{s:?}");
+    assert!(latencies.iter().all(|l| *l > lost_after.as_secs_f64()), "{latencies:?}");
+    assert_eq!(value(&d, "cutover_mail_lost_total", &labels), 0.0);
+    assert_eq!(value(&d, "cutover_mail_recovered_total", &labels), 0.0);
+    assert_eq!(value(&d, "cutover_mail_late_total", &labels), held_mails as f64);
+    assert!(
+        value(
+            &d,
+            "cutover_mail_delivered_total",
+            &[("route", "new"), ("delivered_env", "new")]
+        ) >= held_mails as f64
+    );
+    assert_balanced(&d, storage.path(), "new");
+    drop(d);
+    purge(&own);
+}
+
+/// A FETCH response imap-proto 0.17 panics on (it unwraps INTERNALDATE's
+/// nstring, and `NIL` is one; src/probe/imap.rs pins that). Plain ASCII, so
+/// the probe's stream guard lets it through. Real servers do not send it on
+/// demand, hence a fake in front of the real one.
+const PANICS_IMAP_PROTO: &[u8] = b"* 1 FETCH (UID 1 INTERNALDATE NIL)\r\n";
+
+/// An IMAP server in this process, in plain text on 127.0.0.20 (new's
+/// address, another port), relaying each connection to new's Dovecot over
+/// TLS. On the first connection it answers the client's IDLE with
+/// [`PANICS_IMAP_PROTO`]; the others it relays untouched. Returns its port
+/// and how many connections it accepted.
+fn poisoning_proxy(rt: &tokio::runtime::Runtime) -> (u16, Arc<AtomicUsize>) {
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(lab().var("CA")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.20:0")).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    rt.spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let poison = counted.fetch_add(1, Ordering::SeqCst) == 0;
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(tcp) = tokio::net::TcpStream::connect("127.0.0.20:993").await else {
+                    return;
+                };
+                let name = rustls::pki_types::ServerName::try_from("imap.example.test").unwrap();
+                if let Ok(upstream) = tls.connect(name, tcp).await {
+                    relay(client, upstream, poison).await;
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+/// Relays bytes both ways until either side closes; with `poison`, sends
+/// [`PANICS_IMAP_PROTO`] once after the server's answer to IDLE.
+async fn relay<S>(client: tokio::net::TcpStream, upstream: S, poison: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = tokio::io::split(upstream);
+    let (mut up, mut down) = ([0u8; 16 * 1024], [0u8; 16 * 1024]);
+    let (mut idling, mut poisoned) = (false, !poison);
+    loop {
+        tokio::select! {
+            n = from_client.read(&mut up) => {
+                let Ok(n @ 1..) = n else { return };
+                idling |= up[..n].ends_with(b" IDLE\r\n");
+                if to_server.write_all(&up[..n]).await.is_err() || to_server.flush().await.is_err() {
+                    return;
+                }
+            }
+            n = from_server.read(&mut down) => {
+                let Ok(n @ 1..) = n else { return };
+                if to_client.write_all(&down[..n]).await.is_err() {
+                    return;
+                }
+                // Dovecot's `+ idling` ends its line: the poison is a line of its own.
+                if idling && !poisoned && down[..n].ends_with(b"\r\n") {
+                    poisoned = true;
+                    let _ = to_client.write_all(PANICS_IMAP_PROTO).await;
+                }
+            }
+        }
+    }
+}
+
+/// Issue 14.1: a watcher whose IMAP library panics is restarted (counted
+/// once, logged once) and watches again: a mail sent through the real lab
+/// Postfix after the panic is found and counted delivered.
+#[test]
+fn a_watcher_whose_imap_library_panics_is_restarted_and_finds_mail_again() {
+    let storage = tempfile::tempdir().unwrap();
+    let _purge = PurgeOnDrop(storage.path().to_owned());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (port, connections) = poisoning_proxy(&rt);
+    let yaml = format!(
+        "defaults:
+  ca_file: {{{{CA}}}}
+environments:
+  new: {{addresses: [127.0.0.20]}}
+credentials:
+  probe: {{username: probe@example.test, password_file: {{{{PASSWORD_FILE}}}}}}
+  other: {{username: other@example.test, password_file: {{{{PASSWORD_FILE}}}}}}
+checks:
+  - name: flow
+    kind: mailflow
+    envs: [new]
+    interval: 2s
+    timeout: 1500ms
+{SHORT_AGES}    send: {SUBMISSION}
+    watch:
+      - {{env: new, host: imap.example.test, port: {port}, tls: none, credentials: other}}
+"
+    );
+    let d = start(&yaml, storage.path());
+    let watcher = [("task", "mailflow_watch:flow:new:INBOX")];
+    d.wait_for(
+        "cutover_task_restarts_total",
+        &watcher,
+        |v| v >= 1.0,
+        Duration::from_secs(30),
+    );
+    let restarted_at = cutover_monitor::unix_now();
+    let labels = [("check", "flow"), ("route", "new")];
+    // A mail accepted after the panic, found by the restarted watcher.
+    wait_until("a mail sent after the panic delivered", Duration::from_secs(30), || {
+        count(
+            &ledger(storage.path()),
+            &format!("SELECT COUNT(*) FROM mails WHERE state = 'delivered' AND accepted > {restarted_at}"),
+        ) >= 1
+    });
+    assert!(value(&d, "cutover_mail_delivered_total", &labels) >= 1.0);
+    let logs = d.logs();
+    assert_eq!(value(&d, "cutover_task_restarts_total", &watcher), 1.0, "{logs}");
+    assert_eq!(
+        d.scrape()
+            .get("cutover_task_restarts_total", &[("task", "mailflow_sweep:flow")]),
+        Some(0.0)
+    );
+    // One panic, one connection that stays: no restart loop.
+    assert_eq!(connections.load(Ordering::SeqCst), 2, "{logs}");
+    let stopped: Vec<&str> = logs.lines().filter(|l| l.contains("background task stopped")).collect();
+    assert_eq!(stopped.len(), 1, "{logs}");
+    assert!(
+        stopped[0].contains("mailflow_watch:flow:new:INBOX") && stopped[0].contains("panicked"),
+        "{}",
+        stopped[0]
+    );
+    settle_then_assert_none_lost(&d, storage.path(), &labels);
+    assert_balanced(&d, storage.path(), "new");
     let (instance, _) = identity(storage.path());
     drop(d);
     purge(&format!("instance={instance}"));

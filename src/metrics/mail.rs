@@ -29,8 +29,10 @@ pub struct RouteTotals {
     pub delivered: BTreeMap<String, f64>,
     /// Not found within `late_after`.
     pub late: f64,
-    /// Not found within `lost_after`.
+    /// Not found within `lost_after` (recovered ones included: see `recovered`).
     pub lost: f64,
+    /// Found after they were counted lost; `lost - recovered` is the net loss.
+    pub recovered: f64,
     /// Extra copies.
     pub duplicates: f64,
     /// Sent and neither delivered nor lost yet.
@@ -54,6 +56,7 @@ pub struct MailMetrics {
     delivered: IntCounterVec,
     late: IntCounterVec,
     lost: IntCounterVec,
+    recovered: IntCounterVec,
     duplicates: IntCounterVec,
     in_flight: GaugeVec,
     oldest: GaugeVec,
@@ -88,6 +91,7 @@ impl MailMetrics {
             delivered: counter("cutover_mail_delivered_total", &["delivered_env"]),
             late: counter("cutover_mail_late_total", &[]),
             lost: counter("cutover_mail_lost_total", &[]),
+            recovered: counter("cutover_mail_recovered_total", &[]),
             duplicates: counter("cutover_mail_duplicates_total", &[]),
             in_flight: gauge("cutover_mail_in_flight", &[]),
             oldest: gauge("cutover_mail_oldest_in_flight_age_seconds", &[]),
@@ -128,6 +132,7 @@ impl MailSink for MailMetrics {
             MailCount::Delivered => self.delivered.with_label_values(&[check, route, label]),
             MailCount::Late => self.late.with_label_values(&[check, route]),
             MailCount::Lost => self.lost.with_label_values(&[check, route]),
+            MailCount::Recovered => self.recovered.with_label_values(&[check, route]),
             MailCount::Duplicate => self.duplicates.with_label_values(&[check, route]),
         };
         counter.inc_by(n);
@@ -139,6 +144,7 @@ impl MailSink for MailMetrics {
                 MailCount::Delivered => *r.delivered.entry(label.to_string()).or_default() += n,
                 MailCount::Late => r.late += n,
                 MailCount::Lost => r.lost += n,
+                MailCount::Recovered => r.recovered += n,
                 MailCount::Duplicate => r.duplicates += n,
             }
         });
@@ -167,7 +173,7 @@ impl MailSink for MailMetrics {
     /// Also makes the route's unlabelled counters exist at 0, so `increase()`
     /// sees their first event.
     fn in_flight(&self, check: &str, route: &str, count: u64, oldest_age: f64) {
-        for c in [&self.sent, &self.late, &self.lost, &self.duplicates] {
+        for c in [&self.sent, &self.late, &self.lost, &self.recovered, &self.duplicates] {
             c.with_label_values(&[check, route]);
         }
         self.in_flight.with_label_values(&[check, route]).set(count as f64);

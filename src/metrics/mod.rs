@@ -197,6 +197,10 @@ pub const CATALOG: &[(&str, &str)] = &[
     ),
     ("cutover_build_info", "Build information; always 1."),
     (
+        "cutover_task_restarts_total",
+        "Times a long-lived background task (a mailflow watcher or sweep) stopped, by a panic, and was started again.",
+    ),
+    (
         "cutover_migration_phase",
         "The migration phase in force (preparation, window, switched, decommission): 1 for the current one, 0 for the others; all 0 outside every phase.",
     ),
@@ -236,7 +240,14 @@ pub const CATALOG: &[(&str, &str)] = &[
         "cutover_mail_late_total",
         "Probe mails not found within `late_after` (each counted once, even if delivered later).",
     ),
-    ("cutover_mail_lost_total", "Probe mails not found within `lost_after`."),
+    (
+        "cutover_mail_lost_total",
+        "Probe mails not found within `lost_after`; those found later stay counted here and in cutover_mail_recovered_total.",
+    ),
+    (
+        "cutover_mail_recovered_total",
+        "Probe mails found after they were counted lost; lost minus recovered is the net loss.",
+    ),
     (
         "cutover_mail_duplicates_total",
         "Extra copies of probe mails that had already been delivered.",
@@ -356,6 +367,7 @@ pub struct Metrics {
     instances: Gauge,
     reload_ok: Gauge,
     reload_ts: Gauge,
+    task_restarts: IntCounterVec,
     /// Each kind's own series, in [`Metrics::new`]'s list.
     kinds: Vec<Box<dyn KindSeries>>,
     /// The customer-domain audits' series, also restored from disk and counted by the audit store.
@@ -434,6 +446,7 @@ impl Metrics {
             instances: single("cutover_check_instances"),
             reload_ok: single("cutover_config_last_reload_successful"),
             reload_ts: single("cutover_config_last_reload_success_timestamp_seconds"),
+            task_restarts: counter(r, "cutover_task_restarts_total", &["task"]),
             kinds,
             hosted,
             touched: Mutex::new(HashMap::new()),
@@ -602,6 +615,22 @@ impl Metrics {
     /// Records how long a scheduled run waited for a probe slot.
     pub fn queue_waited(&self, waited: std::time::Duration) {
         self.queue_wait.observe(waited.as_secs_f64());
+    }
+
+    /// A background task was spawned: its restart counter exists from 0, so
+    /// `increase()` sees the first restart.
+    pub fn task_started(&self, task: &str) {
+        self.task_restarts.with_label_values(&[task]);
+    }
+
+    /// A background task stopped and is started again.
+    pub fn task_restarted(&self, task: &str) {
+        self.task_restarts.with_label_values(&[task]).inc();
+    }
+
+    /// A reload dropped a background task.
+    pub fn forget_task(&self, task: &str) {
+        let _ = self.task_restarts.remove_label_values(&[task]);
     }
 
     /// Sets the number of scheduled instances.

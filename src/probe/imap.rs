@@ -803,6 +803,24 @@ mod tests {
         assert!(parsed.contains(r#"information: Some(" ready")"#), "{parsed}");
     }
 
+    /// Why long-lived watchers need a supervisor (issue 14.1): imap-proto
+    /// 0.17 unwraps INTERNALDATE's nstring, and `NIL` is one. Plain ASCII,
+    /// so [`Bounded`] lets it through; tests/mailflow.rs sends it to a
+    /// watcher. Should an upgrade fix the parser, that test needs another input.
+    #[tokio::test]
+    async fn imap_proto_still_panics_on_a_fetch_with_internaldate_nil() {
+        let (mut server, client) = tokio::io::duplex(1024);
+        server
+            .write_all(b"* 1 FETCH (UID 1 INTERNALDATE NIL)\r\n")
+            .await
+            .unwrap();
+        let read = tokio::spawn(async move {
+            let mut client = Client::new(Bounded::new(client));
+            let _ = client.read_response().await;
+        });
+        assert!(read.await.unwrap_err().is_panic());
+    }
+
     #[tokio::test]
     async fn a_session_may_not_send_more_than_the_cap() {
         let lines = b"* a\r\n".repeat(MAX_SESSION_BYTES as usize / 5 + 1);

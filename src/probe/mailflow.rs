@@ -18,8 +18,9 @@
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use async_imap::types::Fetch;
 use futures::TryStreamExt;
@@ -31,9 +32,9 @@ use sha2::Sha256;
 
 use super::imap::{ImapProbe, ImapSession};
 use super::smtp::{Outgoing, SmtpProbe};
-use super::{BackgroundContext, Failure, FailureReason, FieldError, Probe, Run};
+use super::{BackgroundContext, BackgroundTask, Failure, FailureReason, FieldError, Probe, Run};
 use crate::config::{Check, Credentials, ImapAuth, ImapExpect, ImapSpec, MailflowSpec, SmtpExpect, SmtpMode, SmtpSpec};
-use crate::ledger::{Ages, Found, Ledger, Sighting, random_hex};
+use crate::ledger::{Ages, Found, Ledger, Losses, Sighting, random_hex};
 
 /// The marker header.
 pub const MARKER: &str = "X-Cutover-Probe";
@@ -63,6 +64,10 @@ struct Watch {
     env: String,
     ip: IpAddr,
     imap: ImapProbe,
+    /// Whether its watcher has searched the whole mailbox since the watchers
+    /// started: until every watcher has, a missing mail may be in one not
+    /// searched yet (it arrived while the daemon was down).
+    searched: AtomicBool,
 }
 
 struct Inner {
@@ -78,6 +83,11 @@ struct Inner {
     key: Option<Vec<u8>>,
     /// Set by [`Probe::background`]: the daemon's ledger.
     ledger: Mutex<Option<Arc<Ledger>>>,
+    /// When [`Probe::background`] started the watchers: a reload builds a
+    /// new probe, so this is the daemon's start or the last reload.
+    watching_since: OnceLock<Instant>,
+    /// Set once the sweep may declare losses, so it is decided and logged once.
+    settled: AtomicBool,
 }
 
 /// A built `mailflow` check.
@@ -153,6 +163,7 @@ impl MailflowProbe {
                     env: w.env.clone(),
                     ip: *ip,
                     imap,
+                    searched: AtomicBool::new(false),
                 });
             }
         }
@@ -207,6 +218,8 @@ impl MailflowProbe {
                 timeout: check.timeout,
                 key,
                 ledger: Mutex::new(None),
+                watching_since: OnceLock::new(),
+                settled: AtomicBool::new(false),
             }),
         })
     }
@@ -227,19 +240,34 @@ impl Probe for MailflowProbe {
         })
     }
 
-    fn background(&self, ctx: &BackgroundContext) -> Vec<BoxFuture<'static, ()>> {
+    fn background(&self, ctx: &BackgroundContext) -> Vec<BackgroundTask> {
         *self.inner.ledger.lock().expect("ledger slot") = Some(ctx.ledger.clone());
-        let mut tasks: Vec<BoxFuture<'static, ()>> = (0..self.inner.watches.len())
-            .map(|i| Box::pin(watch_loop(self.inner.clone(), i, ctx.ledger.clone())) as BoxFuture<'static, ()>)
+        let _ = self.inner.watching_since.set(Instant::now());
+        let check = &self.inner.check;
+        let mut tasks: Vec<BackgroundTask> = (0..self.inner.watches.len())
+            .map(|i| {
+                let w = &self.inner.watches[i];
+                let (inner, ledger) = (self.inner.clone(), ctx.ledger.clone());
+                BackgroundTask {
+                    name: format!("mailflow_watch:{check}:{}:{}", w.env, w.imap.mailbox_name()),
+                    start: Box::new(move || Box::pin(watch_loop(inner.clone(), i, ledger.clone()))),
+                }
+            })
             .collect();
         let (inner, ledger) = (self.inner.clone(), ctx.ledger.clone());
-        tasks.push(Box::pin(async move {
-            let mut tick = tokio::time::interval(inner.sweep_every());
-            loop {
-                tick.tick().await;
-                inner.sweep(&ledger);
-            }
-        }));
+        tasks.push(BackgroundTask {
+            name: format!("mailflow_sweep:{check}"),
+            start: Box::new(move || {
+                let (inner, ledger) = (inner.clone(), ledger.clone());
+                Box::pin(async move {
+                    let mut tick = tokio::time::interval(inner.sweep_every());
+                    loop {
+                        tick.tick().await;
+                        inner.sweep(&ledger);
+                    }
+                })
+            }),
+        });
         tasks
     }
 }
@@ -293,9 +321,42 @@ impl Inner {
     }
 
     fn sweep(&self, ledger: &Ledger) {
-        if let Err(e) = ledger.sweep(&self.check, &self.ages) {
+        if let Err(e) = ledger.sweep(&self.check, &self.ages, self.losses()) {
             tracing::error!(check = %self.check, error = %e, "mailflow: ageing mails failed");
         }
+    }
+
+    /// Whether mails not found in time may be declared lost: once every
+    /// watcher has searched its whole mailbox since the watchers started, or
+    /// `lost_after` after that start when one could not (its server down).
+    /// Before, a mail that arrived while the daemon was down would be counted
+    /// lost at start-up and found the same second.
+    fn losses(&self) -> Losses {
+        if self.settled.load(Ordering::Acquire) {
+            return Losses::Declare;
+        }
+        // `check`'s one-shot ledger is fresh: nothing to hold.
+        let Some(since) = self.watching_since.get() else {
+            return Losses::Declare;
+        };
+        let unsearched: Vec<&str> = self
+            .watches
+            .iter()
+            .filter(|w| !w.searched.load(Ordering::Acquire))
+            .map(|w| w.env.as_str())
+            .collect();
+        if unsearched.is_empty() {
+            tracing::info!(check = %self.check, "mailflow: every watched mailbox searched since start; mails not found in time now count lost");
+        } else if since.elapsed() >= self.ages.lost_after {
+            tracing::warn!(
+                check = %self.check, unsearched = ?unsearched,
+                "mailflow: not every watched mailbox could be searched within lost_after of start; mails not found in time count lost anyway"
+            );
+        } else {
+            return Losses::Hold;
+        }
+        self.settled.store(true, Ordering::Release);
+        Losses::Declare
     }
 
     /// How often mails are aged besides each send: late and lost must be
@@ -536,10 +597,13 @@ async fn scan(
             uid,
             visible_at,
             hops: &hops(header),
+            late_after: inner.ages.late_after,
         };
         match ledger.found(&found) {
             Ok(verdict) => {
-                if verdict != Sighting::AlreadyRecorded {
+                if verdict == Sighting::Recovered {
+                    tracing::warn!(check = %inner.check, env = %watch.env, id = %id, "mailflow: probe mail found after it was counted lost; counted recovered");
+                } else if verdict != Sighting::AlreadyRecorded {
                     tracing::debug!(check = %inner.check, env = %watch.env, id = %id, ?verdict, "mailflow: probe mail found");
                 }
                 recorded.push(uid);
@@ -653,6 +717,7 @@ async fn watch_session(inner: &Inner, watch: &Watch, ledger: &Ledger, last_error
         {
             return f;
         }
+        watch.searched.store(true, Ordering::Release);
         if idle {
             let mut handle = session.idle();
             if let Err(e) = handle.init().await {

@@ -66,11 +66,24 @@ pub trait Probe: Send + Sync + 'static {
     }
 
     /// Long-lived tasks a probe needs besides its runs (mailflow's mailbox
-    /// watchers). The daemon spawns them when it applies a config and aborts
-    /// them on reload and stop; `check` and `validate` never call this.
-    fn background(&self, _ctx: &BackgroundContext) -> Vec<BoxFuture<'static, ()>> {
+    /// watchers). The daemon spawns them when it applies a config, restarts
+    /// one that panics, and aborts them on reload and stop; `check` and
+    /// `validate` never call this.
+    fn background(&self, _ctx: &BackgroundContext) -> Vec<BackgroundTask> {
         Vec::new()
     }
+}
+
+/// One long-lived task of a probe. A future cannot be resumed after a
+/// panic, so the task is a way to start it, called again for each restart.
+pub struct BackgroundTask {
+    /// Names the task in logs and in `cutover_task_restarts_total{task}`:
+    /// a fixed prefix and names from the check file (check, environment,
+    /// mailbox), never anything a server sent, so the label values are
+    /// bounded by the configuration.
+    pub name: String,
+    /// Starts the task afresh.
+    pub start: Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>,
 }
 
 /// What the daemon hands to [`Probe::background`]: state that outlives one
