@@ -14,6 +14,7 @@ pub mod hosted_domains;
 pub mod http;
 pub mod imap;
 pub mod mail_auth;
+pub mod mailbox_parity;
 pub mod mailflow;
 pub mod smtp;
 pub mod tcp;
@@ -69,6 +70,11 @@ pub trait Probe: Send + Sync + 'static {
     fn background(&self, _ctx: &BackgroundContext) -> Vec<BoxFuture<'static, ()>> {
         Vec::new()
     }
+
+    /// A measurement the daemon kept from this check's last run before a
+    /// restart or reload, for probes whose runs build on the last one
+    /// (`mailbox_parity` compares old's INBOX with the last audit).
+    fn resume(&self, _kept: &Measurement) {}
 }
 
 /// What the daemon hands to [`Probe::background`]: state that outlives one
@@ -95,6 +101,8 @@ pub enum Measurement {
     MailAuth(mail_auth::Measured),
     /// A finished customer-domain audit (counts to metrics, rows to the API).
     HostedDomains(Arc<hosted_domains::AuditReport>),
+    /// A finished mailbox-parity audit (counts to metrics, rows to the API).
+    MailboxParity(Arc<mailbox_parity::ParityReport>),
 }
 
 /// A check file with every check's probe built: what the daemon and `check` run.
@@ -123,6 +131,7 @@ pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>,
         KindSpec::MailAuth(spec) => Arc::new(mail_auth::MailAuthProbe::new(spec, check)?),
         KindSpec::Mailflow(spec) => Arc::new(mailflow::MailflowProbe::new(spec, check, credentials)?),
         KindSpec::HostedDomains(spec) => Arc::new(hosted_domains::HostedDomainsProbe::new(spec, check)?),
+        KindSpec::MailboxParity(spec) => Arc::new(mailbox_parity::MailboxParityProbe::new(spec, check, credentials)?),
     })
 }
 
@@ -313,6 +322,9 @@ pub struct Run {
     /// The instance's environment name, set by the scheduler: mailflow labels
     /// its mails with it (`route`), which the address alone cannot tell for `live`.
     pub env: String,
+    /// The migration phase in force when the run started, set by the
+    /// scheduler: `mailbox_parity` judges `old_still_receiving` only once switched.
+    pub migration_phase: Option<crate::config::Phase>,
 }
 
 impl Run {
