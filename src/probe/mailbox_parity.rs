@@ -1018,10 +1018,12 @@ mod tests {
             folder("Sent", ".", Some("\\Sent"), 2),
             folder("Projects", ".", None, 3),
         ];
-        let new = vec![
-            folder("INBOX", "/", None, 3),
-            folder("Sent Items", "/", Some("\\Sent"), 2),
-        ];
+        // Messages 4 and 5 were not copied; UIDNEXT was.
+        let inbox = Folder {
+            uidnext: Some(6),
+            ..folder("INBOX", "/", None, 3)
+        };
+        let new = vec![inbox, folder("Sent Items", "/", Some("\\Sent"), 2)];
         let pairs = pair(&old, &new);
         assert_eq!(pairs, vec![(0, Some(0)), (1, Some(1)), (2, None)]);
         let mut row = Row::default();
