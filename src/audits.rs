@@ -1,5 +1,6 @@
-//! The customer-domain audits the daemon keeps: the last finished audit of
-//! each `hosted_domains` check and its change log, saved under
+//! The audits the daemon keeps: the last finished audit of each
+//! `hosted_domains` check and its change log, and of each `mailbox_parity`
+//! check ([`ParityStore`]), saved under
 //! `--storage.path` so a restart serves the last audit at once. State, like
 //! the mail ledger beside it: it knows the audit report, not the metrics or
 //! the scheduler; the layers above count and publish what it returns.
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::probe::hosted_domains::{AuditReport, Change, Direction, changes};
+use crate::probe::mailbox_parity::{Finding as ParityFinding, ParityReport};
 
 /// What the daemon keeps of a `hosted_domains` check between audits.
 #[derive(Debug, Clone)]
@@ -176,4 +178,106 @@ fn save_audit(path: &Path, report: &AuditReport) -> std::io::Result<()> {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
     crate::write_private(path, &serde_json::to_vec(report)?)
+}
+
+/// Every `mailbox_parity` check's last finished audit, saved as JSON beside
+/// the domain audits (`--storage.path`/mailbox-parity/CHECK.json), so a
+/// restart serves it at once and its next audit still knows old's INBOX
+/// before the switch. The same JSON store as the domain audits: one document
+/// per check, replaced whole after each audit (1,000 accounts are ~150 KB;
+/// rows of accounts that are `ok` carry no details).
+#[derive(Default)]
+pub struct ParityStore {
+    audits: Mutex<HashMap<String, Arc<ParityReport>>>,
+    dir: OnceLock<PathBuf>,
+}
+
+impl ParityStore {
+    /// Keeps audits in `dir` across restarts; set once, by the daemon.
+    pub fn keep_in(&self, dir: PathBuf) {
+        let _ = self.dir.set(dir);
+    }
+
+    /// The kept audits by check, for the API and the status page.
+    pub fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<ParityReport>>> {
+        self.audits.lock().expect("parity audits lock")
+    }
+
+    /// Keeps a finished audit, saves it, and logs how many accounts moved
+    /// to or from `ok` since the previous one.
+    pub fn keep(&self, check: &str, report: Arc<ParityReport>) {
+        if let Some(dir) = self.dir.get() {
+            let (path, report) = (audit_file(dir, check), report.clone());
+            let save = move || {
+                if let Err(e) = save_json(&path, &*report) {
+                    tracing::warn!(file = %path.display(), error = %e, "could not keep the mailbox-parity audit on disk; a restart will audit again at once");
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(save)),
+                Err(_) => save(),
+            }
+        }
+        let mut audits = self.lock();
+        let ok = |r: &ParityReport| -> std::collections::HashSet<String> {
+            r.accounts
+                .iter()
+                .filter(|a| a.findings == [ParityFinding::Ok])
+                .map(|a| a.account.clone())
+                .collect()
+        };
+        let (fixed, regressed) = match audits.get(check) {
+            Some(before) => {
+                let (was, now) = (ok(before), ok(&report));
+                let listed: std::collections::HashSet<&str> =
+                    before.accounts.iter().map(|a| a.account.as_str()).collect();
+                (
+                    now.iter()
+                        .filter(|a| !was.contains(*a) && listed.contains(a.as_str()))
+                        .count(),
+                    was.iter().filter(|a| !now.contains(*a)).count(),
+                )
+            }
+            None => (0, 0),
+        };
+        tracing::info!(check, summary = %report.summary(), fixed, regressed, "mailbox-parity audit finished");
+        audits.insert(check.to_string(), report);
+    }
+
+    /// Restores the audit `check` last finished before a restart, unless one
+    /// is already kept; returns it so the caller can publish it.
+    pub fn restore(&self, check: &str) -> Option<Arc<ParityReport>> {
+        let dir = self.dir.get()?;
+        let mut audits = self.lock();
+        if let Some(kept) = audits.get(check) {
+            return Some(kept.clone());
+        }
+        let path = audit_file(dir, check);
+        let report = match std::fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => Err(e.to_string()),
+            Ok(bytes) => serde_json::from_slice::<ParityReport>(&bytes).map_err(|e| e.to_string()),
+        };
+        match report {
+            Ok(report) if report.check == check => {
+                tracing::info!(check = %check, file = %path.display(), accounts = report.accounts.len(), "restored the last mailbox-parity audit");
+                let report = Arc::new(report);
+                audits.insert(check.to_string(), report.clone());
+                Some(report)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(check = %check, file = %path.display(), error = %e, "ignoring an unreadable kept mailbox-parity audit; auditing again");
+                None
+            }
+        }
+    }
+}
+
+fn save_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    crate::write_private(path, &serde_json::to_vec(value)?)
 }

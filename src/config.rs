@@ -120,6 +120,8 @@ pub enum KindSpec {
     WebmailLogin(WebmailLoginSpec),
     /// CalDAV or CardDAV: discovery, principal, collections, a read, optionally a write.
     Dav(DavSpec),
+    /// Audit of every listed mailbox: old and new compared folder by folder over IMAP.
+    MailboxParity(MailboxParitySpec),
 }
 
 impl KindSpec {
@@ -136,6 +138,7 @@ impl KindSpec {
             KindSpec::HostedDomains(_) => Kind::HostedDomains,
             KindSpec::WebmailLogin(_) => Kind::WebmailLogin,
             KindSpec::Dav(_) => Kind::Dav,
+            KindSpec::MailboxParity(_) => Kind::MailboxParity,
         }
     }
 
@@ -169,9 +172,26 @@ pub enum Kind {
     WebmailLogin,
     /// `dav`.
     Dav,
+    /// `mailbox_parity`.
+    MailboxParity,
 }
 
 impl Kind {
+    /// Every kind, in the order the check-file reference lists them.
+    pub const ALL: [Kind; 11] = [
+        Kind::Http,
+        Kind::Tcp,
+        Kind::Smtp,
+        Kind::Imap,
+        Kind::Dns,
+        Kind::MailAuth,
+        Kind::Mailflow,
+        Kind::HostedDomains,
+        Kind::WebmailLogin,
+        Kind::Dav,
+        Kind::MailboxParity,
+    ];
+
     /// The `kind` label value and the check file's word for it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -185,6 +205,7 @@ impl Kind {
             Kind::HostedDomains => "hosted_domains",
             Kind::WebmailLogin => "webmail_login",
             Kind::Dav => "dav",
+            Kind::MailboxParity => "mailbox_parity",
         }
     }
 }
@@ -753,6 +774,93 @@ pub struct HostedDomainsSpec {
     #[serde(skip)]
     #[schemars(skip)]
     pub domains_path: PathBuf,
+}
+
+/// `kind: mailbox_parity`: every account of a file, compared between the old
+/// and the new environment over IMAP with an admin login (a Dovecot master
+/// user): folders by name or special use, then STATUS of each, never SELECT.
+/// Runs once per check against the pinned addresses of `old_env` and
+/// `new_env`, so it takes no `envs`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MailboxParitySpec {
+    /// One address per line; `#` starts a comment. Relative to the check file;
+    /// read again on every reload.
+    pub accounts_file: PathBuf,
+    /// Production hostname of the IMAP service, verified in each certificate.
+    pub host: String,
+    /// Port; 993 with `tls: implicit`, 143 otherwise.
+    pub port: Option<u16>,
+    /// How sessions are encrypted; `implicit` (993) when omitted.
+    #[serde(default)]
+    pub tls: ImapTls,
+    /// Name of the `credentials` entry of the admin (master user) on old.
+    pub credentials: String,
+    /// The admin on new, when it differs from old's.
+    pub new_credentials: Option<String>,
+    /// How the admin opens an account's mailbox; `master_user` when omitted.
+    #[serde(default)]
+    pub admin_login: AdminLogin,
+    /// Between account and admin in `master_user` logins; `*` when omitted
+    /// (Dovecot's `auth_master_user_separator`).
+    #[serde(default = "default_master_separator")]
+    pub master_separator: String,
+    /// The environment being left; `old` when omitted.
+    #[serde(default = "default_old_env")]
+    pub old_env: String,
+    /// The environment being moved to; `new` when omitted.
+    #[serde(default = "default_new_env")]
+    pub new_env: String,
+    /// IMAP sessions open at once per server; 4 when omitted. An account
+    /// never has more than one per side.
+    #[serde(default = "default_parity_concurrency")]
+    pub concurrency: usize,
+    /// Logins per second allowed to each server; 20 when omitted.
+    #[serde(default = "default_parity_rate_limit")]
+    pub rate_limit: f64,
+    /// Further attempts after an account's session fails on the network
+    /// (not after a rejected login); 2 when omitted.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Deadline for one account's session on one side; `30s` when omitted.
+    pub session_timeout: Option<Dur>,
+    /// Where message counts differ, EXAMINE the folder (read-only) on both
+    /// sides and add up RFC822.SIZE, for `size_differs` and the bytes missing;
+    /// true when omitted.
+    #[serde(default = "default_true")]
+    pub fetch_sizes: bool,
+    /// `accounts_file` made absolute by the loader.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub accounts_path: PathBuf,
+}
+
+/// How a `mailbox_parity` admin logs in as an account.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminLogin {
+    /// LOGIN `account*admin` with the admin's password (Dovecot master user).
+    #[default]
+    MasterUser,
+    /// AUTHENTICATE PLAIN with the account as authorization identity and
+    /// the admin as authentication identity (RFC 4616).
+    Authzid,
+}
+
+fn default_master_separator() -> String {
+    "*".into()
+}
+
+fn default_parity_concurrency() -> usize {
+    4
+}
+
+fn default_parity_rate_limit() -> f64 {
+    20.0
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_old_env() -> String {
@@ -1834,7 +1942,10 @@ fn load_checks<P>(
         if kind_name.is_none() {
             l.error(
                 format!("{at}.kind"),
-                "missing field `kind` (one of `http`, `tcp`, `smtp`, `imap`, `dns`, `mail_auth`, `mailflow`, `hosted_domains`, `dav`)",
+                format!(
+                    "missing field `kind` (one of {})",
+                    Kind::ALL.map(|k| format!("`{}`", k.as_str())).join(", ")
+                ),
             );
             continue;
         }
@@ -1863,17 +1974,24 @@ fn load_checks<P>(
         if let KindSpec::HostedDomains(spec) = &mut kind {
             spec.domains_path = l.relative(&spec.domains_file);
         }
+        if let KindSpec::MailboxParity(spec) = &mut kind {
+            spec.accounts_path = l.relative(&spec.accounts_file);
+        }
         if !seen.insert(common.name.clone()) {
             l.error(format!("{at}.name"), format!("duplicate check name `{}`", common.name));
         }
         let interval = match kind {
             KindSpec::Mailflow(_) => common.interval.map_or(DEFAULT_MAILFLOW_INTERVAL, |d| d.0),
-            KindSpec::HostedDomains(_) => common.interval.map_or(DEFAULT_AUDIT_INTERVAL, |d| d.0),
+            KindSpec::HostedDomains(_) | KindSpec::MailboxParity(_) => {
+                common.interval.map_or(DEFAULT_AUDIT_INTERVAL, |d| d.0)
+            }
             _ => common.interval.or(defaults.interval).map_or(DEFAULT_INTERVAL, |d| d.0),
         };
         let timeout = match kind {
             // An audit takes minutes: it may use most of its interval.
-            KindSpec::HostedDomains(_) => common.timeout.map_or(interval - interval / 10, |d| d.0),
+            KindSpec::HostedDomains(_) | KindSpec::MailboxParity(_) => {
+                common.timeout.map_or(interval - interval / 10, |d| d.0)
+            }
             _ => common.timeout.or(defaults.timeout).map_or(DEFAULT_TIMEOUT, |d| d.0),
         };
         if interval.is_zero() {
@@ -1928,6 +2046,13 @@ fn load_checks<P>(
                     "a `{}` check asks its own resolvers, not environments: remove `envs`",
                     check.kind.name()
                 ),
+            );
+            continue;
+        }
+        if matches!(check.kind, KindSpec::MailboxParity(_)) && !common.envs.is_empty() {
+            l.error(
+                format!("{at}.envs"),
+                "a `mailbox_parity` check compares `old_env` with `new_env`: remove `envs`",
             );
             continue;
         }

@@ -85,7 +85,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let tls = web.current().tls.is_some();
     // The phase override is kept in memory only: it survives reloads, not restarts.
-    let phase = Control::new();
+    let phase = shared.phase.clone();
     let phase_metrics = tokio::spawn(publish_phase(
         phase.clone(),
         current.clone(),

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use cutover_monitor::config::{self, Kind};
 use cutover_monitor::probe::hosted_domains::{Finding, HostedDomainsProbe, Progress};
+use cutover_monitor::probe::mailbox_parity::{Finding as ParityFinding, MailboxParityProbe};
 use cutover_monitor::{client, daemon, listener, migration, probe, report, scheduler};
 use hyper::Method;
 
@@ -138,6 +139,26 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DomainsFormat::Table)]
         format: DomainsFormat,
     },
+    /// Audit the mailboxes of the `mailbox_parity` checks once, old against
+    /// new, and print each account with a finding and its details (exit 0
+    /// when the audit ran, 3 when it could not or a server stopped answering).
+    Parity {
+        /// The check file.
+        #[arg(long = "config.file", default_value = "checks/lab.yaml")]
+        config_file: PathBuf,
+        /// Only these mailbox_parity checks (repeatable); all when omitted.
+        #[arg(long)]
+        check: Vec<String>,
+        /// Only accounts with one of these findings (repeatable or comma-separated); every finding but `ok` when omitted.
+        #[arg(long, value_parser = parity_finding_name, value_delimiter = ',')]
+        finding: Vec<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = DomainsFormat::Table)]
+        format: DomainsFormat,
+        /// Judge `old_still_receiving` as in this phase (the check file's clock when omitted).
+        #[arg(long, value_parser = phases())]
+        phase: Option<String>,
+    },
     /// Print the JSON Schema of the check file, for editors.
     Schema,
 }
@@ -147,6 +168,10 @@ enum DomainsFormat {
     Table,
     Csv,
     Json,
+}
+
+fn parity_finding_name(text: &str) -> Result<String, String> {
+    ParityFinding::parse(text).map(|f| f.as_str().to_string())
 }
 
 fn finding_name(text: &str) -> Result<String, String> {
@@ -256,6 +281,13 @@ fn main() -> ExitCode {
             finding,
             format,
         } => ExitCode::from(runtime.block_on(run_domains(config_file, check, finding, format)) as u8),
+        Command::Parity {
+            config_file,
+            check,
+            finding,
+            format,
+            phase,
+        } => ExitCode::from(runtime.block_on(run_parity(config_file, check, finding, format, phase)) as u8),
         Command::Schema => {
             println!("{:#}", config::json_schema());
             ExitCode::SUCCESS
@@ -402,9 +434,125 @@ async fn run_domains(config_file: PathBuf, checks: Vec<String>, findings: Vec<St
     report::EXIT_OK
 }
 
+/// `parity`: one audit per selected `mailbox_parity` check, with a progress
+/// bar on a terminal, then the rows on stdout and a summary on stderr. Without
+/// a kept audit, `old_still_receiving` has no base: every account starts one.
+async fn run_parity(
+    config_file: PathBuf,
+    checks: Vec<String>,
+    findings: Vec<String>,
+    format: DomainsFormat,
+    phase: Option<String>,
+) -> i32 {
+    // Every check built as the daemon would (so the file is validated whole),
+    // the parity probes kept by their own type: the daemon's are opaque.
+    let build = |check: &config::Check, credentials: &config::Credentials| match &check.kind {
+        config::KindSpec::MailboxParity(spec) => MailboxParityProbe::new(spec, check, credentials).map(Some),
+        _ => probe::build(check, credentials).map(|_| None),
+    };
+    let config = match config::load(&config_file, &build) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return report::EXIT_UNKNOWN;
+        }
+    };
+    let audits: Vec<(&str, &MailboxParityProbe)> = config
+        .checks
+        .iter()
+        .filter(|c| checks.is_empty() || checks.contains(&c.check.name))
+        .filter_map(|c| c.probe.as_ref().map(|p| (c.check.name.as_str(), p)))
+        .collect();
+    if audits.is_empty() {
+        eprintln!(
+            "{}: no mailbox_parity check{}",
+            config_file.display(),
+            if checks.is_empty() {
+                String::new()
+            } else {
+                format!(" named {checks:?}")
+            }
+        );
+        return report::EXIT_UNKNOWN;
+    }
+    let phase = match phase.and_then(|p| p.parse::<migration::Phase>().ok()) {
+        Some(p) => Some(p),
+        None => config.migration.current(None, cutover_monitor::unix_now()).phase,
+    };
+    let wanted: Vec<ParityFinding> = if findings.is_empty() {
+        ParityFinding::ALL
+            .into_iter()
+            .filter(|f| *f != ParityFinding::Ok)
+            .collect()
+    } else {
+        findings.iter().filter_map(|f| ParityFinding::parse(f).ok()).collect()
+    };
+    let mut reports = Vec::new();
+    let mut code = report::EXIT_OK;
+    for (name, probe) in audits {
+        let progress = std::sync::Arc::new(Progress::default());
+        let bar = progress_bar_of(name, "accounts", &progress);
+        let result = probe.audit(&progress, phase).await;
+        bar.abort();
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprint!("\r\x1b[2K");
+        }
+        match result {
+            Ok(report) => {
+                for (side, n) in &report.unreachable {
+                    eprintln!("{name}: {side} did not answer for {n} accounts (login_failed); the audit is incomplete");
+                    code = report::EXIT_UNKNOWN;
+                }
+                reports.push(report)
+            }
+            Err(failure) => {
+                eprintln!("{name}: the audit failed: {failure}");
+                return report::EXIT_UNKNOWN;
+            }
+        }
+    }
+    let lines: Vec<report::ParityLine> = reports
+        .iter()
+        .flat_map(|r| {
+            r.accounts
+                .iter()
+                .filter(|row| wanted.iter().any(|f| row.has(*f)))
+                .map(|row| report::ParityLine { check: &r.check, row })
+        })
+        .collect();
+    match format {
+        DomainsFormat::Table => print!("{}", report::parity_table(&lines)),
+        DomainsFormat::Csv => print!("{}", report::parity_csv(&lines)),
+        DomainsFormat::Json => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let written = serde_json::to_writer_pretty(&mut out, &lines)
+                .map_err(std::io::Error::from)
+                .and_then(|()| writeln!(out))
+                .and_then(|()| out.flush());
+            if let Err(e) = written {
+                eprintln!("writing the rows: {e}");
+                return report::EXIT_UNKNOWN;
+            }
+        }
+    }
+    for r in &reports {
+        eprint!("{}", report::parity_summary(r));
+    }
+    code
+}
+
 /// Redraws `domains done/total` on stderr every 200 ms while an audit runs,
 /// only when stderr is a terminal (logs and pipes get the summary alone).
 fn progress_bar(check: &str, progress: &std::sync::Arc<Progress>) -> tokio::task::JoinHandle<()> {
+    progress_bar_of(check, "domains", progress)
+}
+
+/// [`progress_bar`] counting `what` (domains, accounts).
+fn progress_bar_of(
+    check: &str,
+    what: &'static str,
+    progress: &std::sync::Arc<Progress>,
+) -> tokio::task::JoinHandle<()> {
     let (check, progress) = (check.to_string(), progress.clone());
     tokio::spawn(async move {
         if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -422,7 +570,7 @@ fn progress_bar(check: &str, progress: &std::sync::Arc<Progress>) -> tokio::task
                 String::new()
             };
             eprint!(
-                "\r\x1b[2K{check}: [{}{}] {done}/{total} domains, {elapsed:.0} s{left}",
+                "\r\x1b[2K{check}: [{}{}] {done}/{total} {what}, {elapsed:.0} s{left}",
                 "#".repeat(filled),
                 ".".repeat(30 - filled)
             );

@@ -372,6 +372,82 @@ pub fn domains_csv(lines: &[DomainLine]) -> String {
     out
 }
 
+/// One audited account as the `parity` command prints it.
+#[derive(Debug, Serialize)]
+pub struct ParityLine<'a> {
+    /// The `mailbox_parity` check that audited it.
+    pub check: &'a str,
+    /// The row.
+    #[serde(flatten)]
+    pub row: &'a crate::probe::mailbox_parity::AccountRow,
+}
+
+/// The `parity` table: account and findings, then each detail (folder and
+/// numbers) on a line of its own.
+pub fn parity_table(lines: &[ParityLine]) -> String {
+    let width = lines.iter().map(|l| l.row.account.len()).max().unwrap_or(0).max(7);
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<width$}  FINDINGS", "ACCOUNT");
+    for l in lines {
+        let findings: Vec<&str> = l.row.findings.iter().map(|f| f.as_str()).collect();
+        let _ = writeln!(out, "{:<width$}  {}", l.row.account, findings.join(","));
+        for d in &l.row.details {
+            let _ = writeln!(out, "{:<width$}    {}", "", crate::probe::sanitize(d));
+        }
+    }
+    out
+}
+
+/// The `parity` rows as CSV (RFC 4180 quoting, spreadsheet formulas
+/// defused): check, account, findings (space-separated), messages missing,
+/// details (joined by ` | `).
+pub fn parity_csv(lines: &[ParityLine]) -> String {
+    let mut out = String::from("check,account,findings,messages_missing,details\r\n");
+    for l in lines {
+        let findings: Vec<&str> = l.row.findings.iter().map(|f| f.as_str()).collect();
+        let _ = write!(
+            out,
+            "{},{},{},{},{}\r\n",
+            csv_field(l.check),
+            csv_field(&l.row.account),
+            csv_field(&findings.join(" ")),
+            l.row.messages_missing,
+            csv_field(&l.row.details.join(" | "))
+        );
+    }
+    out
+}
+
+fn csv_field(text: &str) -> String {
+    let text = if text.starts_with(['=', '+', '-', '@']) {
+        format!("'{text}")
+    } else {
+        text.to_string()
+    };
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text
+    }
+}
+
+/// What `parity` prints after the rows: the summary and the skipped lines.
+pub fn parity_summary(report: &crate::probe::mailbox_parity::ParityReport) -> String {
+    let mut out = format!("{}\n", report.summary());
+    let input = &report.input;
+    for p in &input.problems {
+        let _ = writeln!(out, "  {}", crate::probe::sanitize(p));
+    }
+    if input.invalid + input.duplicates > input.problems.len() {
+        let _ = writeln!(
+            out,
+            "  … and {} more",
+            input.invalid + input.duplicates - input.problems.len()
+        );
+    }
+    out
+}
+
 /// The one-line summary of an audit printed after the rows.
 pub fn audit_summary(report: &crate::probe::hosted_domains::AuditReport) -> String {
     let counts: Vec<String> = report

@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use tokio::task::JoinHandle;
 
-use crate::audits::AuditStore;
+use crate::audits::{AuditStore, ParityStore};
 use crate::config::{EnvKind, Kind, KindSpec, ResolverAddr};
 use crate::ledger::Ledger;
 use crate::metrics::{Instance, Metrics};
+use crate::migration::Control;
 use crate::probe::{
     BackgroundContext, BackgroundTask, Config, Failure, FailureReason, InPhase, Measurement, Outcome, Probe, Run,
 };
@@ -101,14 +102,15 @@ pub fn instances(config: &Config) -> Vec<InstanceSpec> {
 
 /// Runs one instance once, within its check's timeout.
 pub async fn run_once(spec: &InstanceSpec, config: &Config) -> Outcome {
-    run_queued(spec, config).await.0
+    let phase = config.migration.current(None, crate::unix_now()).phase;
+    run_queued(spec, config, phase).await.0
 }
 
 /// Waits for a probe slot (`defaults.max_concurrent_probes`), then runs. The
 /// timeout starts once the slot is granted, so a run is never failed for time
 /// spent behind others; that wait is returned for `cutover_probe_queue_wait_seconds`.
 /// The cap keeps a thousand hung targets from exhausting file descriptors.
-async fn run_queued(spec: &InstanceSpec, config: &Config) -> (Outcome, Duration) {
+async fn run_queued(spec: &InstanceSpec, config: &Config, phase: Option<crate::config::Phase>) -> (Outcome, Duration) {
     let queued = Instant::now();
     let _slot = config
         .probe_slots
@@ -116,15 +118,16 @@ async fn run_queued(spec: &InstanceSpec, config: &Config) -> (Outcome, Duration)
         .await
         .expect("probe slots are never closed");
     let waited = queued.elapsed();
-    (run_admitted(spec, config).await, waited)
+    (run_admitted(spec, config, phase).await, waited)
 }
 
-async fn run_admitted(spec: &InstanceSpec, config: &Config) -> Outcome {
+async fn run_admitted(spec: &InstanceSpec, config: &Config, phase: Option<crate::config::Phase>) -> Outcome {
     let timeout = spec.check.check.timeout;
     let started_at = crate::unix_now();
     let start = Instant::now();
     let mut run = Run::default();
     run.env = spec.inst.env.clone();
+    run.migration_phase = phase;
     let mut resolved = None;
     // A panic in a probe (a bug, or a library tripped by a hostile reply) must
     // fail this run, not end the instance's task and silently stop the check.
@@ -222,6 +225,11 @@ pub struct Shared {
     pub last: Mutex<HashMap<Instance, LastState>>,
     /// Per `hosted_domains` check: its last finished audit and change log.
     pub audits: AuditStore,
+    /// Per `mailbox_parity` check: its last finished audit.
+    pub parity: ParityStore,
+    /// The phase override (`/api/v1/phase`); with the check file's clock it
+    /// gives each run the phase in force.
+    pub phase: Arc<Control>,
 }
 
 impl Shared {
@@ -231,6 +239,8 @@ impl Shared {
             metrics,
             last: Mutex::new(HashMap::new()),
             audits: AuditStore::default(),
+            parity: ParityStore::default(),
+            phase: Control::new(),
         })
     }
 
@@ -242,6 +252,9 @@ impl Shared {
                 for (direction, n) in self.audits.keep(&inst.check, report.clone()) {
                     self.metrics.hosted_domain_changes(&inst.check, direction, n);
                 }
+            }
+            if let Measurement::MailboxParity(report) = m {
+                self.parity.keep(&inst.check, report.clone());
             }
         }
         let mut last = self.last.lock().expect("state lock");
@@ -310,6 +323,7 @@ impl Scheduler {
     /// (`--storage.path`) once a config needs it; only the daemon does this.
     pub fn with_storage(mut self, dir: PathBuf) -> Scheduler {
         self.shared.audits.keep_in(dir.join("hosted-domains"));
+        self.shared.parity.keep_in(dir.join("mailbox-parity"));
         self.storage = Some(dir);
         self
     }
@@ -338,6 +352,15 @@ impl Scheduler {
     /// restart, until its next one: counts, rows, and the base of its change log.
     fn restore_audits(&self, config: &Config) {
         for loaded in &config.checks {
+            if loaded.check.kind.kind() == Kind::MailboxParity {
+                // Kept in memory across reloads, on disk across restarts: the
+                // rebuilt probe compares its next audit with it.
+                if let Some(report) = self.shared.parity.restore(&loaded.check.name) {
+                    self.shared.metrics.record_parity(&loaded.check.name, &report);
+                    loaded.probe.resume(&Measurement::MailboxParity(report));
+                }
+                continue;
+            }
             if loaded.check.kind.kind() != Kind::HostedDomains {
                 continue;
             }
@@ -363,6 +386,11 @@ impl Scheduler {
             specs
                 .iter()
                 .any(|s| &s.inst.check == check && s.inst.kind == Kind::HostedDomains)
+        });
+        self.shared.parity.lock().retain(|check, _| {
+            specs
+                .iter()
+                .any(|s| &s.inst.check == check && s.inst.kind == Kind::MailboxParity)
         });
         let mut gone: Vec<String> = Vec::new();
         for (name, task) in self.background_tasks.drain(..) {
@@ -468,10 +496,16 @@ async fn instance_loop(spec: InstanceSpec, config: Arc<Config>, shared: Arc<Shar
             .audits
             .lock()
             .get(&spec.inst.check)
-            .is_some_and(|a| within(a.report.started_at));
+            .is_some_and(|a| within(a.report.started_at))
+        || shared
+            .parity
+            .lock()
+            .get(&spec.inst.check)
+            .is_some_and(|r| within(r.started_at));
     let mut first = tokio::time::Instant::now() + wait;
     if spec.check.probe.eager() && !recent {
-        let (outcome, waited) = run_queued(&spec, &config).await;
+        let phase = shared.phase.current(&config.migration).phase;
+        let (outcome, waited) = run_queued(&spec, &config, phase).await;
         shared.metrics.queue_waited(waited);
         shared.publish(&spec.inst, outcome);
         // Not again right away when the slot is near.
@@ -483,7 +517,8 @@ async fn instance_loop(spec: InstanceSpec, config: Arc<Config>, shared: Arc<Shar
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         ticker.tick().await;
-        let (outcome, waited) = run_queued(&spec, &config).await;
+        let phase = shared.phase.current(&config.migration).phase;
+        let (outcome, waited) = run_queued(&spec, &config, phase).await;
         shared.metrics.queue_waited(waited);
         shared.publish(&spec.inst, outcome);
     }

@@ -88,6 +88,7 @@ pub fn router(state: AppState, web: Arc<Web>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/domains", get(domains))
+        .route("/api/v1/parity", get(parity))
         .route("/probe", get(probe))
         .route("/-/healthy", get(|| async { "Healthy\n" }))
         .route("/-/ready", get(ready))
@@ -169,6 +170,31 @@ async fn domains(State(state): State<AppState>, Query(q): Query<HashMap<String, 
         }
     };
     // Tens of thousands of rows: serialize off the runtime's workers.
+    match tokio::task::spawn_blocking(move || serde_json::to_vec(&answer)).await {
+        Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "could not render the audits\n").into_response(),
+    }
+}
+
+/// The last audit of each `mailbox_parity` check with its rows:
+/// `?finding=fewer_messages` (comma-separated: any of them), `?check=NAME`.
+async fn parity(State(state): State<AppState>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let config = state.config.read().expect("config lock").clone();
+    let query = crate::status::parity(
+        &state.shared,
+        &config,
+        q.get("finding").map(String::as_str),
+        q.get("check").map(String::as_str),
+    );
+    let answer = match query {
+        Ok(answer) => answer,
+        Err(crate::status::DomainsError::BadFinding(e)) => {
+            return (StatusCode::BAD_REQUEST, format!("{}\n", sanitize(&e))).into_response();
+        }
+        Err(e @ crate::status::DomainsError::UnknownCheck { .. }) => {
+            return (StatusCode::NOT_FOUND, format!("{e}\n")).into_response();
+        }
+    };
     match tokio::task::spawn_blocking(move || serde_json::to_vec(&answer)).await {
         Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "could not render the audits\n").into_response(),

@@ -476,9 +476,11 @@ pub enum DomainsError {
     /// `?finding=` names no finding.
     #[error("{0}")]
     BadFinding(String),
-    /// `?check=` names no `hosted_domains` check.
-    #[error("no hosted_domains check `{name}`; configured: {configured}")]
+    /// `?check=` names no check of the kind asked about.
+    #[error("no {kind} check `{name}`; configured: {configured}")]
     UnknownCheck {
+        /// `hosted_domains` or `mailbox_parity`.
+        kind: &'static str,
         /// The name asked for, sanitized.
         name: String,
         /// The configured ones, or `none`.
@@ -513,6 +515,7 @@ pub fn domains(
         && !checks.iter().any(|c| c == name)
     {
         return Err(DomainsError::UnknownCheck {
+            kind: "hosted_domains",
             name: crate::probe::sanitize(name),
             configured: if checks.is_empty() {
                 "none".to_string()
@@ -548,6 +551,108 @@ pub fn domains(
                 .cloned()
                 .collect(),
             changes: a.changes.clone(),
+        });
+    }
+    Ok(answer)
+}
+
+/// `/api/v1/parity`: the last audit of each (or one) `mailbox_parity`
+/// check with its rows, optionally only those with any of some findings.
+#[derive(Debug, Serialize)]
+pub struct ParityAnswer {
+    /// One entry per check that has finished an audit.
+    pub audits: Vec<ParityAuditAnswer>,
+    /// Checks without a finished audit yet.
+    pub pending: Vec<String>,
+}
+
+/// One check's last audit, as `/api/v1/parity` lists it.
+#[derive(Debug, Serialize)]
+pub struct ParityAuditAnswer {
+    /// The check.
+    pub check: String,
+    /// When the audit started and finished, Unix seconds, and how long it took.
+    pub started_at: f64,
+    /// See `started_at`.
+    pub finished_at: f64,
+    /// See `started_at`.
+    pub duration_seconds: f64,
+    /// The migration phase the audit ran in.
+    pub phase: Option<crate::config::Phase>,
+    /// Valid, distinct accounts audited.
+    pub accounts_audited: usize,
+    /// Messages on old that new lacks, over every account.
+    pub messages_missing: u64,
+    /// Accounts per finding (all of them, filter or not).
+    pub counts: BTreeMap<&'static str, usize>,
+    /// What was skipped in the accounts file.
+    pub input: crate::probe::hosted_domains::InputSummary,
+    /// The rows, filtered.
+    pub accounts: Vec<crate::probe::mailbox_parity::AccountRow>,
+}
+
+/// The model behind `/api/v1/parity`: `finding` comma-separated (any of
+/// them), `check` one check's name. Errors as `/api/v1/domains`'.
+pub fn parity(
+    shared: &Shared,
+    config: &Config,
+    finding: Option<&str>,
+    check: Option<&str>,
+) -> Result<ParityAnswer, DomainsError> {
+    use crate::probe::mailbox_parity::Finding;
+    let filter = finding
+        .map(|f| {
+            f.split(',')
+                .map(|f| Finding::parse(f.trim()))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()
+        .map_err(DomainsError::BadFinding)?;
+    let checks: Vec<String> = config
+        .checks
+        .iter()
+        .filter(|c| c.check.kind.kind() == Kind::MailboxParity)
+        .map(|c| c.check.name.clone())
+        .collect();
+    if let Some(name) = check
+        && !checks.iter().any(|c| c == name)
+    {
+        return Err(DomainsError::UnknownCheck {
+            kind: "mailbox_parity",
+            name: crate::probe::sanitize(name),
+            configured: if checks.is_empty() {
+                "none".to_string()
+            } else {
+                checks.join(", ")
+            },
+        });
+    }
+    let audits = shared.parity.lock();
+    let mut answer = ParityAnswer {
+        audits: Vec::new(),
+        pending: Vec::new(),
+    };
+    for name in checks.iter().filter(|c| check.is_none_or(|n| n == *c)) {
+        let Some(r) = audits.get(name) else {
+            answer.pending.push(name.clone());
+            continue;
+        };
+        answer.audits.push(ParityAuditAnswer {
+            check: r.check.clone(),
+            started_at: r.started_at,
+            finished_at: r.started_at + r.duration_seconds,
+            duration_seconds: r.duration_seconds,
+            phase: r.phase,
+            accounts_audited: r.accounts.len(),
+            messages_missing: r.messages_missing(),
+            counts: r.counts().iter().map(|(f, n)| (f.as_str(), *n)).collect(),
+            input: r.input.clone(),
+            accounts: r
+                .accounts
+                .iter()
+                .filter(|row| filter.as_ref().is_none_or(|f| f.iter().any(|f| row.has(*f))))
+                .cloned()
+                .collect(),
         });
     }
     Ok(answer)

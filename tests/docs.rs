@@ -65,6 +65,14 @@ const LAZY: &[&str] = &[
     "cutover_mail_recovered_total",
     "cutover_mail_duplicates_total",
     "cutover_mail_send_failures_total",
+    // checks/lab.yaml has no mailbox_parity check: its accounts come from
+    // `tests/lab/parity generate` (tests/mailbox_parity.rs reads these).
+    "cutover_mailbox_parity_accounts",
+    "cutover_mailbox_parity_audited",
+    "cutover_mailbox_parity_skipped_lines",
+    "cutover_mailbox_parity_messages_missing",
+    "cutover_mailbox_parity_audit_duration_seconds",
+    "cutover_mailbox_parity_last_audit_timestamp_seconds",
 ];
 
 #[test]

@@ -19,6 +19,7 @@ mod http;
 mod imap;
 mod mail;
 mod mail_auth;
+mod mailbox_parity;
 mod migration;
 mod smtp;
 mod webmail_login;
@@ -182,6 +183,30 @@ pub const CATALOG: &[(&str, &str)] = &[
     (
         "cutover_dav_parity",
         "Whether new holds what old holds for a dav check's account (1) or not (0): the same collections and the same object count in the read collection, from each environment's last run.",
+    ),
+    (
+        "cutover_mailbox_parity_accounts",
+        "Accounts of a mailbox_parity check per finding in its last audit (ok, folder_missing, fewer_messages, uid_regressed, uidvalidity_changed, size_differs, unseen_differs, login_failed, old_still_receiving); an account counts once for each finding it has.",
+    ),
+    (
+        "cutover_mailbox_parity_audited",
+        "Accounts in the last audit of a mailbox_parity check (valid, distinct lines of its accounts file).",
+    ),
+    (
+        "cutover_mailbox_parity_skipped_lines",
+        "Lines of the accounts file skipped in the last audit, by reason (invalid, duplicate).",
+    ),
+    (
+        "cutover_mailbox_parity_messages_missing",
+        "Messages on old that new lacks, over every account of the last audit (missing folders and fewer messages).",
+    ),
+    (
+        "cutover_mailbox_parity_audit_duration_seconds",
+        "Duration of the last finished audit of a mailbox_parity check.",
+    ),
+    (
+        "cutover_mailbox_parity_last_audit_timestamp_seconds",
+        "Unix time at which the last audit of a mailbox_parity check finished.",
     ),
     (
         "cutover_check_instances",
@@ -372,6 +397,8 @@ pub struct Metrics {
     kinds: Vec<Box<dyn KindSeries>>,
     /// The customer-domain audits' series, also restored from disk and counted by the audit store.
     hosted: hosted_domains::Series,
+    /// The mailbox-parity audits' series, also restored from disk.
+    parity: mailbox_parity::Series,
     touched: Mutex<HashMap<Instance, Touched>>,
     mail: MailMetrics,
     migration: MigrationMetrics,
@@ -414,6 +441,7 @@ impl Metrics {
         let build = gauge(r, "cutover_build_info", &["version"]);
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
         let hosted = hosted_domains::Series::register(r);
+        let parity = mailbox_parity::Series::register(r);
         // The kinds with series of their own: a new kind's series join here.
         let kinds: Vec<Box<dyn KindSeries>> = vec![
             Box::new(imap::Series::register(r)),
@@ -423,6 +451,7 @@ impl Metrics {
             Box::new(hosted.clone()),
             Box::new(webmail_login::Series::register(r)),
             Box::new(dav::Series::register(r)),
+            Box::new(parity.clone()),
         ];
         Metrics {
             success: gauge(r, "cutover_probe_success", &INSTANCE_LABELS),
@@ -449,6 +478,7 @@ impl Metrics {
             task_restarts: counter(r, "cutover_task_restarts_total", &["task"]),
             kinds,
             hosted,
+            parity,
             touched: Mutex::new(HashMap::new()),
             mail: MailMetrics::register(r),
             migration: MigrationMetrics::register(r),
@@ -557,6 +587,11 @@ impl Metrics {
     /// Publishes an audit restored from disk, before its check runs again.
     pub fn record_audit(&self, check: &str, report: &AuditReport) {
         self.hosted.record_report(check, report);
+    }
+
+    /// Publishes a mailbox-parity audit restored from disk, before its check runs again.
+    pub fn record_parity(&self, check: &str, report: &crate::probe::mailbox_parity::ParityReport) {
+        self.parity.record_report(check, report);
     }
 
     /// Counts customer domains whose findings changed between two audits.

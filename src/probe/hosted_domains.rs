@@ -967,12 +967,25 @@ impl Probe for HostedDomainsProbe {
 /// Invalid lines and repeats are skipped and counted; an unreadable file, one
 /// over [`MAX_FILE_BYTES`] or one without any domain is an error.
 pub fn read_domains(path: &Path) -> Result<(Vec<String>, InputSummary), String> {
+    read_list(path, "domain", domain_name)
+}
+
+/// Reads a list file (domains, mail accounts): one `noun` per line made
+/// canonical by `parse`, `#` comments, blank lines. Invalid lines and repeats
+/// are skipped and counted, the first ones named with their line; an
+/// unreadable file, one over [`MAX_FILE_BYTES`] or one without any entry is
+/// an error. Memory stays bounded by the entries kept, whatever the file holds.
+pub fn read_list(
+    path: &Path,
+    noun: &str,
+    parse: impl Fn(&str) -> Result<String, String>,
+) -> Result<(Vec<String>, InputSummary), String> {
     let shown = path.display();
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
     let meta = file.metadata().map_err(|e| format!("cannot read {shown}: {e}"))?;
     if meta.is_dir() {
         return Err(format!(
-            "cannot read {shown}: Is a directory; expected a file with one domain per line"
+            "cannot read {shown}: Is a directory; expected a file with one {noun} per line"
         ));
     }
     let size = meta.len();
@@ -1018,7 +1031,7 @@ pub fn read_domains(path: &Path) -> Result<(Vec<String>, InputSummary), String> 
         if text.is_empty() {
             continue;
         }
-        match domain_name(text) {
+        match parse(text) {
             Err(message) => {
                 summary.invalid += 1;
                 problem(&mut summary, message);
@@ -1036,7 +1049,7 @@ pub fn read_domains(path: &Path) -> Result<(Vec<String>, InputSummary), String> 
     }
     if domains.is_empty() {
         return Err(format!(
-            "{shown} lists no domain ({} lines{})",
+            "{shown} lists no {noun} ({} lines{})",
             summary.lines,
             summary
                 .problems
@@ -1077,7 +1090,7 @@ fn read_line_bounded(reader: &mut impl BufRead, out: &mut Vec<u8>) -> std::io::R
 }
 
 /// A customer domain as written in the file, checked and made canonical.
-fn domain_name(text: &str) -> Result<String, String> {
+pub fn domain_name(text: &str) -> Result<String, String> {
     if text.chars().any(char::is_whitespace) {
         return Err(format!(
             "`{}` is not one domain (one per line)",

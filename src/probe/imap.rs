@@ -158,6 +158,24 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + std::fmt::Debug> Transport for T
 /// A logged-in session over TLS or plain TCP, as [`ImapProbe::open`] returns it.
 pub(crate) type ImapSession = Session<Bounded<Box<dyn Transport>>>;
 
+/// Whose mailbox an admin session opens (`mailbox_parity`): the credential
+/// is the admin's, the session is the account's.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum OnBehalf<'a> {
+    /// Dovecot's master user login: `account*admin` (the separator between).
+    Separator {
+        /// The account whose mailbox is opened.
+        account: &'a str,
+        /// Dovecot's `auth_master_user_separator`.
+        separator: &'a str,
+    },
+    /// SASL PLAIN with the account as authorization identity (RFC 4616).
+    Authzid {
+        /// The account whose mailbox is opened.
+        account: &'a str,
+    },
+}
+
 /// The step an async-imap error happened in, to tell what a NO means.
 #[derive(Clone, Copy)]
 pub(crate) enum Step {
@@ -209,6 +227,17 @@ impl ImapProbe {
     /// Connects, secures, checks the greeting and logs in: every step as a
     /// phase on `run`. Shared with mailflow's watchers.
     pub(crate) async fn open(&self, ip: IpAddr, run: &mut Run) -> Result<ImapSession, Failure> {
+        self.open_as(ip, run, None).await
+    }
+
+    /// [`ImapProbe::open`], logged in as `on_behalf`'s account with this
+    /// probe's credential as the admin's (`mailbox_parity`).
+    pub(crate) async fn open_as(
+        &self,
+        ip: IpAddr,
+        run: &mut Run,
+        on_behalf: Option<OnBehalf<'_>>,
+    ) -> Result<ImapSession, Failure> {
         let tcp = super::connect(ip, self.port, run).await?;
         let (client, caps) = match self.tls {
             ImapTls::Implicit => {
@@ -257,7 +286,7 @@ impl ImapProbe {
                 (client, caps)
             }
         };
-        self.login(client, &caps, run).await
+        self.login(client, &caps, run, on_behalf).await
     }
 
     /// Reads the server's first response, which must be `* OK`, and checks
@@ -387,9 +416,17 @@ impl ImapProbe {
         client: Client<Bounded<S>>,
         caps: &[String],
         run: &mut Run,
+        on_behalf: Option<OnBehalf<'_>>,
     ) -> Result<Session<Bounded<S>>, Failure> {
-        let user = self.credential.username.as_str();
         let password = self.credential.password.expose();
+        let (user, authzid) = match on_behalf {
+            None => (self.credential.username.clone(), ""),
+            Some(OnBehalf::Separator { account, separator }) => {
+                (format!("{account}{separator}{}", self.credential.username), "")
+            }
+            Some(OnBehalf::Authzid { account }) => (self.credential.username.clone(), account),
+        };
+        let user = user.as_str();
         let attempt = match self.auth {
             ImapAuth::Login => {
                 if has(caps, "LOGINDISABLED") {
@@ -399,6 +436,13 @@ impl ImapProbe {
                             "{} advertises LOGINDISABLED: it refuses LOGIN on this connection (use tls: starttls or implicit)",
                             self.host
                         ),
+                    ))
+                    .in_phase("login");
+                }
+                if !authzid.is_empty() {
+                    return Err(self.fail(
+                        FailureReason::AuthFailed,
+                        "LOGIN has no authorization identity: use AUTHENTICATE PLAIN",
                     ))
                     .in_phase("login");
                 }
@@ -416,8 +460,18 @@ impl ImapProbe {
                     ))
                     .in_phase("login");
                 }
-                run.phase("login", client.authenticate("PLAIN", SaslPlain { user, password }))
-                    .await
+                run.phase(
+                    "login",
+                    client.authenticate(
+                        "PLAIN",
+                        SaslPlain {
+                            authzid,
+                            user,
+                            password,
+                        },
+                    ),
+                )
+                .await
             }
         };
         attempt
@@ -593,8 +647,10 @@ fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-/// SASL PLAIN (RFC 4616): authorization identity empty, then user and password.
+/// SASL PLAIN (RFC 4616): authorization identity (empty: the user's own),
+/// then user and password.
 struct SaslPlain<'a> {
+    authzid: &'a str,
     user: &'a str,
     password: &'a str,
 }
@@ -603,7 +659,8 @@ impl Authenticator for SaslPlain<'_> {
     type Response = Vec<u8>;
 
     fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.user.len() + self.password.len() + 2);
+        let mut out = Vec::with_capacity(self.authzid.len() + self.user.len() + self.password.len() + 2);
+        out.extend_from_slice(self.authzid.as_bytes());
         out.push(0);
         out.extend_from_slice(self.user.as_bytes());
         out.push(0);
@@ -877,9 +934,16 @@ mod tests {
     #[test]
     fn sasl_plain_is_authzid_user_password() {
         let mut plain = SaslPlain {
+            authzid: "",
             user: "u@x",
             password: "p w",
         };
         assert_eq!(plain.process(b""), b"\0u@x\0p w");
+        let mut plain = SaslPlain {
+            authzid: "a@x",
+            user: "admin",
+            password: "p",
+        };
+        assert_eq!(plain.process(b""), b"a@x\0admin\0p");
     }
 }

@@ -15,6 +15,7 @@ pub mod hosted_domains;
 pub mod http;
 pub mod imap;
 pub mod mail_auth;
+pub mod mailbox_parity;
 pub mod mailflow;
 pub mod smtp;
 pub mod tcp;
@@ -72,6 +73,11 @@ pub trait Probe: Send + Sync + 'static {
     fn background(&self, _ctx: &BackgroundContext) -> Vec<BackgroundTask> {
         Vec::new()
     }
+
+    /// A measurement the daemon kept from this check's last run before a
+    /// restart or reload, for probes whose runs build on the last one
+    /// (`mailbox_parity` compares old's INBOX with the last audit).
+    fn resume(&self, _kept: &Measurement) {}
 }
 
 /// One long-lived task of a probe. A future cannot be resumed after a
@@ -114,6 +120,8 @@ pub enum Measurement {
     WebmailLogin(webmail_login::Measured),
     /// A DAV home's collections and objects, a write round trip, old/new parity.
     Dav(dav::Measured),
+    /// A finished mailbox-parity audit (counts to metrics, rows to the API).
+    MailboxParity(Arc<mailbox_parity::ParityReport>),
 }
 
 /// A check file with every check's probe built: what the daemon and `check` run.
@@ -155,6 +163,7 @@ pub fn build(check: &Check, credentials: &Credentials) -> Result<Arc<dyn Probe>,
         KindSpec::HostedDomains(spec) => Arc::new(hosted_domains::HostedDomainsProbe::new(spec, check)?),
         KindSpec::WebmailLogin(spec) => Arc::new(webmail_login::WebmailLoginProbe::new(spec, check, credentials)?),
         KindSpec::Dav(spec) => Arc::new(dav::DavProbe::new(spec, check, credentials)?),
+        KindSpec::MailboxParity(spec) => Arc::new(mailbox_parity::MailboxParityProbe::new(spec, check, credentials)?),
     })
 }
 
@@ -394,6 +403,9 @@ pub struct Run {
     /// The instance's environment name, set by the scheduler: mailflow labels
     /// its mails with it (`route`), which the address alone cannot tell for `live`.
     pub env: String,
+    /// The migration phase in force when the run started, set by the
+    /// scheduler: `mailbox_parity` judges `old_still_receiving` only once switched.
+    pub migration_phase: Option<crate::config::Phase>,
 }
 
 impl Run {

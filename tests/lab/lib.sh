@@ -5,16 +5,21 @@
 LAB=${CUTOVER_LAB_DIR:-/tmp/cutover-lab}
 LAB_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 PASSWORD_FILE=$LAB/secrets/probe.password
+# The master user of both environments' parity Dovecot (`user*admin`, or PLAIN with authzid).
+ADMIN_USER=admin
+ADMIN_PASSWORD_FILE=$LAB/secrets/admin.password
 USERS=(probe@example.test other@example.test)
 NAMES=(webmail imap smtp mx autoconfig mail dav)
 # Names that always point at the old environment, whatever the DNS state
 # (`dav wellknown new old-host` redirects there).
 OLD_ONLY_NAMES=(dav-old)
-ENV_SERVICES=(nginx dovecot postfix php-fpm radicale)
+# parity-imap: a second Dovecot per environment for the mailbox-parity accounts
+# (tests/lab/parity), on its own port so its faults touch no other test.
+ENV_SERVICES=(nginx dovecot postfix php-fpm radicale parity-imap)
 # Every lab server as "ENV SERVICE", in start order.
 ALL_SERVICES=("dns nsd" "dns unbound"
-  "old nginx" "old dovecot" "old postfix" "old php-fpm" "old radicale"
-  "new nginx" "new dovecot" "new postfix" "new php-fpm" "new radicale")
+  "old nginx" "old dovecot" "old postfix" "old php-fpm" "old radicale" "old parity-imap"
+  "new nginx" "new dovecot" "new postfix" "new php-fpm" "new radicale" "new parity-imap")
 # Roundcube (Debian 12: 1.6.5) is served by each environment's nginx here, by
 # that environment's php-fpm pool (unix socket, no TCP port).
 ROUNDCUBE_PATH=/roundcube/
@@ -42,11 +47,12 @@ svc_ports() {
   case $1 in
     nginx) echo 80 443 ;;
     dovecot) echo 143 993 ;;
+    parity-imap) echo 10993 ;;
     postfix) echo 25 465 587 ;;
     nsd | unbound) echo 53 ;;
     radicale) echo "$RADICALE_PORT" ;;
     php-fpm) ;; # a unix socket: svc_socket
-    *) die "unknown service '$1' (nginx|dovecot|postfix|php-fpm|radicale)" ;;
+    *) die "unknown service '$1' (nginx|dovecot|postfix|php-fpm|radicale|parity-imap)" ;;
   esac
 }
 
@@ -64,6 +70,7 @@ svc_pidfile() {
   case $2 in
     nginx) echo "$LAB/$1/nginx/nginx.pid" ;;
     dovecot) echo "$LAB/$1/dovecot/run/master.pid" ;;
+    parity-imap) echo "$LAB/$1/parity-imap/run/master.pid" ;;
     postfix) echo "$LAB/$1/spool/pid/master.pid" ;;
     nsd | unbound) echo "$LAB/dns/$2.pid" ;;
     php-fpm) echo "$LAB/$1/php-fpm/php-fpm.pid" ;;
@@ -76,6 +83,7 @@ svc_comm() {
   case $1 in
     postfix) echo master ;;
     php-fpm) echo php-fpm8.2 ;;
+    parity-imap) echo dovecot ;;
     *) echo "$1" ;;
   esac
 }
@@ -210,7 +218,7 @@ svc_start() {
   dir=$LAB/$env/$svc
   case $svc in
     nginx) (daemon nginx -e "$log" -c "$dir/nginx.conf") >>"$log" 2>&1 </dev/null ;;
-    dovecot) (daemon dovecot -c "$dir/dovecot.conf") >>"$log" 2>&1 </dev/null ;;
+    dovecot | parity-imap) (daemon dovecot -c "$dir/dovecot.conf") >>"$log" 2>&1 </dev/null ;;
     postfix)
       postfix -c "$dir" check || die "postfix -c $dir check failed; see $log"
       (daemon postfix -c "$dir" start) >>"$log" 2>&1 </dev/null ;;
@@ -310,6 +318,21 @@ ensure_password() {
   mkdir -p "$(dirname "$PASSWORD_FILE")"
   chmod 0700 "$(dirname "$PASSWORD_FILE")"
   (umask 077 && openssl rand -hex 16 >"$PASSWORD_FILE")
+}
+
+ensure_admin_password() {
+  [[ -s $ADMIN_PASSWORD_FILE ]] && return 0
+  mkdir -p "$(dirname "$ADMIN_PASSWORD_FILE")"
+  (umask 077 && openssl rand -hex 16 >"$ADMIN_PASSWORD_FILE")
+}
+
+# ENV's master passdb: the admin with the admin password.
+write_masters() {
+  local f=$LAB/$1/parity-imap/masters
+  printf '%s:{PLAIN}%s\n' "$ADMIN_USER" "$(<"$ADMIN_PASSWORD_FILE")" >"$f.new"
+  chgrp dovecot "$f.new"
+  chmod 0640 "$f.new"
+  replace_file "$f"
 }
 
 # Replace ENV's Dovecot users file with stdin, and Radicale's htpasswd with
