@@ -434,10 +434,26 @@ fn promtool_finds_the_exposition_clean() {
                   - {name: mail-closed, kind: mailflow, envs: [old], interval: 2s, \
                   send: {mode: submission, host: smtp.example.test, port: 1, credentials: probe, to: probe@example.test}, \
                   watch: [{env: old, host: imap.example.test, credentials: probe}]}\n";
+    // And a small mailbox-parity audit (the lab's parity Dovecots, 20
+    // generated accounts), so its families are exposed within the wait.
+    common::lab_script(&["parity", "generate", "20"]);
+    let lab = lab();
+    let parity = format!(
+        "  - {{name: parity, kind: mailbox_parity, accounts_file: \"{}/parity/accounts.txt\", \
+         host: imap.example.test, port: 10993, credentials: admin, concurrency: 4}}\n",
+        lab.var("DIR")
+    );
+    let admin = format!(
+        "credentials:\n  admin: {{username: {}, password_file: \"{}\"}}\n",
+        lab.var("ADMIN_USER"),
+        lab.var("ADMIN_PASSWORD_FILE")
+    );
     let yaml = lab_yaml
         .replace("interval: 15s", "interval: 2s")
         .replace("timeout: 5s", "timeout: 1500ms")
-        + closed;
+        .replacen("credentials:\n", &admin, 1)
+        + closed
+        + &parity;
     let d = Daemon::start(&yaml);
     let config = cutover_monitor::probe::load(&common::root().join("checks/lab.yaml")).unwrap();
     let every_instance_ran = |s: &common::Scrape| {

@@ -245,7 +245,12 @@ fn a_flood_of_half_sent_requests_keeps_the_scrape_answering_and_every_probe_gree
         latencies.len(),
         during.matching("cutover_http_connections_rejected_total"),
     );
-    assert!(worst < SECS, "a scrape took {worst:?} during the flood");
+    // Before the fix a scrape got no answer at all (Prometheus gives up after
+    // its 10 s default). Every scrape must be answered well within that, and
+    // the median shows scrapes are not queued behind the flood; a single one
+    // may still take about a second on a loaded 2-core machine.
+    assert!(worst < 5 * SECS, "a scrape took {worst:?} during the flood");
+    assert!(median < SECS / 2, "scrapes took {median:?} (median) during the flood");
     assert!(open_peak <= max, "{open_peak} connections open, cap {max}");
     assert!(fds_peak < 1024.0 - 256.0, "{fds_peak} fds open: the reserve is gone");
     assert!(
