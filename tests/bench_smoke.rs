@@ -2,7 +2,8 @@
 //! `--smoke` pass with tiny loads runs every scenario against the lab and
 //! blackbox_exporter and writes every section of a BENCHMARKS.md-shaped file.
 //! No figure is judged here — benchmarks are read, not asserted — only that
-//! each was produced from probes that really ran.
+//! each was produced from probes that really ran. The same for
+//! `benches/groupware` (issues 15 and 16).
 
 mod common;
 
@@ -90,4 +91,41 @@ fn bench_harness_runs_every_scenario_and_writes_every_section() {
         .contains('('),
         "{text}"
     );
+}
+
+/// The groupware harness (`benches/groupware`, issues 15 and 16): a `--smoke`
+/// pass runs the webmail and DAV scenarios against the lab and curl, and the
+/// RSS soak, and writes both sections with figures from runs that succeeded.
+#[test]
+fn groupware_harness_runs_every_scenario_and_writes_both_sections() {
+    common::lab();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("BENCHMARKS.md");
+    let run = Command::new(common::root().join("benches/groupware"))
+        .args(["--smoke", "--binary", env!("CARGO_BIN_EXE_cutover-monitor"), "--out"])
+        .arg(&out)
+        .output()
+        .expect("run benches/groupware");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "benches/groupware --smoke failed:\n{stderr}");
+    let text = std::fs::read_to_string(&out).unwrap();
+
+    for (key, unit) in [("groupware-webmail", "sessions"), ("groupware-dav", "runs")] {
+        let s = section(&text, key);
+        let cpu = row(s, &format!("CPU s / 1,000 {unit}"));
+        assert!(!cpu.contains("n/a"), "{key}: no CPU figure: {cpu}");
+        // Both tools completed sessions (all of them is the harness's
+        // business when measuring; a loaded CI machine may time one out).
+        let cells: Vec<&str> = row(s, &format!("successful {unit} / all"))
+            .split('|')
+            .map(str::trim)
+            .collect();
+        for done in [cells[2], cells[3]] {
+            let (ok, all) = done.split_once('/').unwrap();
+            assert!(ok != "0" && all != "0", "{key}: no successful {unit}: {done}");
+        }
+    }
+    let dav = section(&text, "groupware-dav");
+    assert!(!row(dav, "VmRSS MiB at end").contains("n/a"), "{dav}");
+    assert!(dav.contains("- machine:") && dav.contains("- load average"), "{dav}");
 }
