@@ -160,20 +160,7 @@ async fn domains(State(state): State<AppState>, Query(q): Query<HashMap<String, 
         q.get("finding").map(String::as_str),
         q.get("check").map(String::as_str),
     );
-    let answer = match query {
-        Ok(answer) => answer,
-        Err(crate::status::DomainsError::BadFinding(e)) => {
-            return (StatusCode::BAD_REQUEST, format!("{}\n", sanitize(&e))).into_response();
-        }
-        Err(e @ crate::status::DomainsError::UnknownCheck { .. }) => {
-            return (StatusCode::NOT_FOUND, format!("{e}\n")).into_response();
-        }
-    };
-    // Tens of thousands of rows: serialize off the runtime's workers.
-    match tokio::task::spawn_blocking(move || serde_json::to_vec(&answer)).await {
-        Ok(Ok(bytes)) => ([(header::CONTENT_TYPE, "application/json")], bytes).into_response(),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "could not render the audits\n").into_response(),
-    }
+    audit_answer(query).await
 }
 
 /// The last audit of each `mailbox_parity` check with its rows:
@@ -186,6 +173,13 @@ async fn parity(State(state): State<AppState>, Query(q): Query<HashMap<String, S
         q.get("finding").map(String::as_str),
         q.get("check").map(String::as_str),
     );
+    audit_answer(query).await
+}
+
+/// An audit model as HTTP: 400 for an unknown finding, 404 for an unknown
+/// check, else its JSON, serialized off the runtime's workers (tens of
+/// thousands of rows).
+async fn audit_answer<T: serde::Serialize + Send + 'static>(query: Result<T, crate::status::DomainsError>) -> Response {
     let answer = match query {
         Ok(answer) => answer,
         Err(crate::status::DomainsError::BadFinding(e)) => {

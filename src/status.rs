@@ -488,6 +488,46 @@ pub enum DomainsError {
     },
 }
 
+/// What `/api/v1/domains` and `/api/v1/parity` share: `finding` parsed as a
+/// comma-separated list (any of them), and the names of the configured
+/// checks of `kind` that the query selects (`check`, or all of them).
+fn audit_query<F>(
+    config: &Config,
+    kind: Kind,
+    finding: Option<&str>,
+    check: Option<&str>,
+    parse: impl Fn(&str) -> Result<F, String>,
+) -> Result<(Option<Vec<F>>, Vec<String>), DomainsError> {
+    let filter = finding
+        .map(|f| f.split(',').map(|f| parse(f.trim())).collect::<Result<Vec<_>, _>>())
+        .transpose()
+        .map_err(DomainsError::BadFinding)?;
+    let configured: Vec<String> = config
+        .checks
+        .iter()
+        .filter(|c| c.check.kind.kind() == kind)
+        .map(|c| c.check.name.clone())
+        .collect();
+    if let Some(name) = check
+        && !configured.iter().any(|c| c == name)
+    {
+        return Err(DomainsError::UnknownCheck {
+            kind: kind.as_str(),
+            name: crate::probe::sanitize(name),
+            configured: if configured.is_empty() {
+                "none".to_string()
+            } else {
+                configured.join(", ")
+            },
+        });
+    }
+    let selected = configured
+        .into_iter()
+        .filter(|c| check.is_none_or(|n| n == c))
+        .collect();
+    Ok((filter, selected))
+}
+
 /// The model behind `/api/v1/domains`: `finding` comma-separated (any of
 /// them), `check` one check's name.
 pub fn domains(
@@ -496,41 +536,19 @@ pub fn domains(
     finding: Option<&str>,
     check: Option<&str>,
 ) -> Result<DomainsAnswer, DomainsError> {
-    use crate::probe::hosted_domains::Finding;
-    let filter = finding
-        .map(|f| {
-            f.split(',')
-                .map(|f| Finding::parse(f.trim()))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()
-        .map_err(DomainsError::BadFinding)?;
-    let checks: Vec<String> = config
-        .checks
-        .iter()
-        .filter(|c| c.check.kind.kind() == Kind::HostedDomains)
-        .map(|c| c.check.name.clone())
-        .collect();
-    if let Some(name) = check
-        && !checks.iter().any(|c| c == name)
-    {
-        return Err(DomainsError::UnknownCheck {
-            kind: "hosted_domains",
-            name: crate::probe::sanitize(name),
-            configured: if checks.is_empty() {
-                "none".to_string()
-            } else {
-                checks.join(", ")
-            },
-        });
-    }
-    let wanted = |c: &String| check.is_none_or(|n| n == c);
+    let (filter, checks) = audit_query(
+        config,
+        Kind::HostedDomains,
+        finding,
+        check,
+        crate::probe::hosted_domains::Finding::parse,
+    )?;
     let audits = shared.audits.lock();
     let mut answer = DomainsAnswer {
         audits: Vec::new(),
         pending: Vec::new(),
     };
-    for name in checks.iter().filter(|c| wanted(c)) {
+    for name in &checks {
         let Some(a) = audits.get(name) else {
             answer.pending.push(name.clone());
             continue;
@@ -599,40 +617,19 @@ pub fn parity(
     finding: Option<&str>,
     check: Option<&str>,
 ) -> Result<ParityAnswer, DomainsError> {
-    use crate::probe::mailbox_parity::Finding;
-    let filter = finding
-        .map(|f| {
-            f.split(',')
-                .map(|f| Finding::parse(f.trim()))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .transpose()
-        .map_err(DomainsError::BadFinding)?;
-    let checks: Vec<String> = config
-        .checks
-        .iter()
-        .filter(|c| c.check.kind.kind() == Kind::MailboxParity)
-        .map(|c| c.check.name.clone())
-        .collect();
-    if let Some(name) = check
-        && !checks.iter().any(|c| c == name)
-    {
-        return Err(DomainsError::UnknownCheck {
-            kind: "mailbox_parity",
-            name: crate::probe::sanitize(name),
-            configured: if checks.is_empty() {
-                "none".to_string()
-            } else {
-                checks.join(", ")
-            },
-        });
-    }
+    let (filter, checks) = audit_query(
+        config,
+        Kind::MailboxParity,
+        finding,
+        check,
+        crate::probe::mailbox_parity::Finding::parse,
+    )?;
     let audits = shared.parity.lock();
     let mut answer = ParityAnswer {
         audits: Vec::new(),
         pending: Vec::new(),
     };
-    for name in checks.iter().filter(|c| check.is_none_or(|n| n == *c)) {
+    for name in &checks {
         let Some(r) = audits.get(name) else {
             answer.pending.push(name.clone());
             continue;
